@@ -1,0 +1,656 @@
+"""Discovery: watchdog events + tree scans → settled candidate photos.
+
+Events (inotify on local disks) only say "look at this path again"; the truth always comes
+from ``lstat``. A scan of the tree runs at start-up, every ``rescan_interval`` (catches what
+events missed: inotify overflow, downtime) and, in ``poll`` mode, every ``poll_interval``.
+
+Poll cost on big trees: a *quick* scan (poll mode, every ``poll_interval``) stats every
+directory but lists a directory (``scandir`` + one ``lstat`` per entry) only when its mtime
+changed since it was last listed, or when that listing is not yet *trusted* (see ``_Dir``).
+Creating, renaming or deleting a file changes its directory's mtime on local file systems,
+NFS and SMB, so new files and files renamed into place (``x.part`` → ``x.jpg``) are found by
+the quick scan. An in-place rewrite of a file that was already reported (same name, opened
+with O_TRUNC) does not change the directory's mtime: the quick scan does not see it; the
+*full* scan (every ``rescan_interval``, also in poll mode) stats every file and does. Files
+that are still settling are re-stat'd on every settle check whatever their directory does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ALWAYS_IGNORED = (
+    ".*", "*.part", "*.tmp", "*.crdownload", "~$*", "Thumbs.db", "desktop.ini",
+    "@eaDir", "#recycle", ".stfolder", "__MACOSX",
+)
+READ_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "heic", "heif"})
+RAW_EXTENSIONS = frozenset({"cr2", "cr3", "nef", "arw", "dng", "orf", "rw2", "raf", "srw", "pef", "raw"})
+# Companions travel with their photo (the publish step moves them); discovery leaves them quiet.
+COMPANION_EXTENSIONS = frozenset({"xmp"})
+TEMP_DIR_NAME = ".photoenhanced-tmp"
+
+# File systems on which inotify does not see what other machines write.
+NETWORK_FS_TYPES = frozenset({
+    "cifs", "smb3", "smbfs", "nfs", "nfs4", "fuse", "9p", "virtiofs", "ceph", "afs", "lustre",
+})
+# A directory listing is trusted (not re-read while the directory's mtime stays the same)
+# only after a second listing at least this long after the first one that saw that mtime,
+# which covers coarse directory timestamps (FAT 2 s, some SMB servers 1 s) whatever the
+# server's clock says.
+DIR_TRUST_MARGIN = 2.0
+# Paths from events waiting for poll(); beyond this a full scan is cheaper than the set.
+MAX_PENDING_EVENTS = 100_000
+
+_SPECIAL_KINDS = (
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rel: str  # POSIX path relative to the inbox, e.g. "a/b/IMG_001.jpg"
+    path: Path  # absolute
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class _Settling:
+    size: int
+    mtime_ns: int
+    since: float  # when we first saw this (size, mtime_ns)
+
+
+@dataclass
+class _Dir:
+    mtime_ns: int  # the directory's mtime when it was last listed (stat'd before listing)
+    listed_at: float  # when we first listed it with this mtime
+    trusted: bool  # listed again >= DIR_TRUST_MARGIN later with the same mtime
+    subdirs: tuple[str, ...]
+    files: frozenset[str]  # names of the non-directory entries that are not ignored
+
+
+# --------------------------------------------------------------------------- file systems
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount point, file system type) for every mount, in mountinfo order."""
+    mounts = []
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            for line in fh:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if not sep or len(fields) < 5 or not right.split():
+                    continue
+                mounts.append((_unescape_mountinfo(fields[4]), right.split()[0]))
+    except OSError as exc:
+        log.warning("discover.mountinfo_unreadable", path=path, error=str(exc))
+    return mounts
+
+
+def filesystem_type(path: Path, mounts: Sequence[tuple[str, str]] | None = None) -> str | None:
+    """The type of the file system holding ``path`` (longest mount-point prefix; the last
+    mount of that point wins, as in the kernel's view). None when unknown."""
+    real = os.path.realpath(path)
+    best, best_len = None, -1
+    for point, fstype in read_mountinfo() if mounts is None else mounts:
+        if real == point or point == "/" or real.startswith(point.rstrip("/") + "/"):
+            if len(point) >= best_len:
+                best, best_len = fstype, len(point)
+    return best
+
+
+def is_network_fs(fstype: str | None) -> bool:
+    if not fstype:
+        return False
+    return fstype in NETWORK_FS_TYPES or fstype.startswith("fuse.")
+
+
+def resolve_mode(mode: str, inbox: Path) -> tuple[str, str | None]:
+    """(effective mode, file system type): ``auto`` → ``poll`` on network/FUSE mounts."""
+    fstype = filesystem_type(inbox)
+    if mode == "auto":
+        return ("poll" if is_network_fs(fstype) else "events"), fstype
+    if mode not in ("events", "poll"):
+        raise ValueError(f"watch.mode must be auto, events or poll, not {mode!r}")
+    return mode, fstype
+
+
+# --------------------------------------------------------------------------- ignore rules
+
+class IgnoreRules:
+    """Built-in junk patterns (case-insensitive) + the user's ``watch.ignore`` (case-sensitive).
+    A pattern without '/' is matched against every path component; one with '/' against the
+    whole relative path."""
+
+    def __init__(self, extra: Iterable[str] = ()):
+        self._builtin = tuple(p.lower() for p in ALWAYS_IGNORED) + (TEMP_DIR_NAME,)
+        extra = tuple(extra)
+        self._extra_name = tuple(p for p in extra if "/" not in p)
+        self._extra_path = tuple(p.strip("/") for p in extra if "/" in p)
+
+    def name_ignored(self, name: str) -> bool:
+        low = name.lower()
+        if any(fnmatch.fnmatchcase(low, p) for p in self._builtin):
+            return True
+        return any(fnmatch.fnmatchcase(name, p) for p in self._extra_name)
+
+    def ignored(self, rel: str) -> bool:
+        if any(self.name_ignored(part) for part in rel.split("/")):
+            return True
+        return any(fnmatch.fnmatchcase(rel, p) for p in self._extra_path)
+
+
+def _extension(name: str) -> str:
+    _, dot, ext = name.rpartition(".")
+    return ext.lower() if dot else ""
+
+
+def _join(drel: str, name: str) -> str:
+    return f"{drel}/{name}" if drel else name
+
+
+# --------------------------------------------------------------------------- watchdog glue
+
+class _EventInbox:
+    """What the observer thread hands to poll(): paths to look at again. Thread-safe, bounded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self._trees: set[str] = set()
+        self.overflowed = False
+
+    def add(self, path: str, tree: bool = False) -> None:
+        with self._lock:
+            if len(self._paths) + len(self._trees) >= MAX_PENDING_EVENTS:
+                self.overflowed = True
+                self._paths.clear()
+                self._trees.clear()
+                return
+            (self._trees if tree else self._paths).add(path)
+
+    def signal_overflow(self) -> None:
+        with self._lock:
+            self.overflowed = True
+
+    def drain(self) -> tuple[set[str], set[str], bool]:
+        with self._lock:
+            paths, trees, over = self._paths, self._trees, self.overflowed
+            self._paths, self._trees, self.overflowed = set(), set(), False
+        return paths, trees, over
+
+
+def _make_handler(sink: _EventInbox) -> Any:
+    from watchdog.events import FileSystemEventHandler
+
+    def _s(p: str | bytes) -> str:
+        return os.fsdecode(p)
+
+    class _Handler(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            kind = event.event_type
+            if kind in ("opened", "closed_no_write"):
+                return
+            if event.is_directory:
+                # A directory that appears (created or moved in) may already hold files that
+                # no watch saw: scan it. "modified" on a directory is just its listing changing.
+                if kind in ("created", "moved"):
+                    sink.add(_s(event.dest_path if kind == "moved" else event.src_path), tree=True)
+                if kind in ("deleted", "moved"):
+                    sink.add(_s(event.src_path))
+                return
+            sink.add(_s(event.src_path))
+            if kind == "moved" and event.dest_path:
+                sink.add(_s(event.dest_path))
+
+    return _Handler()
+
+
+class _OverflowSignal(logging.Handler):
+    """watchdog only logs an inotify queue overflow; turn that log record into a rescan."""
+
+    def __init__(self, sink: _EventInbox):
+        super().__init__(level=logging.WARNING)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._sink.signal_overflow()
+
+
+_WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
+# --------------------------------------------------------------------------- discovery
+
+class Discovery:
+    """Finds settled candidate photos in the inbox. ``poll()`` is called from one thread."""
+
+    def __init__(self, inbox: Path, watch: Any, *, exclude: Sequence[Path] = ()):
+        self.inbox = Path(os.path.abspath(inbox))
+        self.watch = watch
+        self.rules = IgnoreRules(getattr(watch, "ignore", ()) or ())
+        self._exclude = frozenset(os.path.realpath(p) for p in exclude)
+        self._recursive = bool(getattr(watch, "recursive", True))
+        self.problem: str | None = None
+        self.fstype: str | None = None
+        self.effective_mode = "events"
+        self._trust_dir_mtime = True
+        self._resolve()
+
+        self._settle: dict[str, _Settling] = {}
+        self._reported: dict[str, tuple[int, int]] = {}
+        self._noted: dict[str, str] = {}  # rel → what we logged about it (refused/skipped)
+        self._dirs: dict[str, _Dir] = {}
+        self._unreadable: set[str] = set()  # dirs we warned about
+        self._sink = _EventInbox()
+        self._observer: Any = None
+        self._overflow_handler: _OverflowSignal | None = None
+        self._started = False
+        self._inbox_id: tuple[int, int] | None = None
+        self._root_real = os.path.realpath(self.inbox)
+        self._next_quick: float | None = None  # due at once
+        self._next_full: float | None = None
+        self.last_scan: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    def _resolve(self) -> None:
+        mode = getattr(self.watch, "mode", "auto")
+        self.effective_mode, self.fstype = resolve_mode(mode, self.inbox)
+        # FUSE file systems may serve cached or made-up directory times: list every poll.
+        self._trust_dir_mtime = not (self.fstype or "").startswith("fuse")
+
+    def start(self) -> None:
+        self._started = True
+        self._next_quick = self._next_full = None
+        self._overflow_handler = _OverflowSignal(self._sink)
+        for name in _WATCHDOG_LOGGERS:
+            logging.getLogger(name).addHandler(self._overflow_handler)
+        if self.inbox.is_dir():
+            self._start_observer()
+        log.info("discover.started", inbox=str(self.inbox), mode=self.effective_mode,
+                 fstype=self.fstype, configured=getattr(self.watch, "mode", "auto"))
+
+    def stop(self) -> None:
+        self._started = False
+        self._stop_observer()
+        if self._overflow_handler is not None:
+            for name in _WATCHDOG_LOGGERS:
+                logging.getLogger(name).removeHandler(self._overflow_handler)
+            self._overflow_handler = None
+
+    def _start_observer(self) -> None:
+        if self.effective_mode != "events" or self._observer is not None:
+            return
+        from watchdog.observers import Observer
+
+        observer = Observer()
+        try:
+            observer.schedule(_make_handler(self._sink), str(self.inbox),
+                              recursive=self._recursive, follow_symlink=False)
+            observer.start()
+        except OSError as exc:
+            # e.g. the inotify watch limit: scanning still works.
+            log.warning("discover.events_unavailable", inbox=str(self.inbox), error=str(exc),
+                        fallback="poll")
+            self.effective_mode = "poll"
+            return
+        self._observer = observer
+
+    def _stop_observer(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+    # ----------------------------------------------------------------- public
+    def forget(self, rel: str) -> None:
+        self._reported.pop(rel, None)
+        self._settle.pop(rel, None)
+        self._noted.pop(rel, None)
+
+    @property
+    def settling(self) -> int:
+        return len(self._settle)
+
+    def poll(self, now: float | None = None) -> list[Candidate]:
+        """Settled candidates since the last call. ``now``: monotonic seconds (any clock, used
+        consistently). Never raises for file-system races."""
+        now = time.monotonic() if now is None else now
+        if not self._check_inbox(now):
+            return []
+        if self.effective_mode == "events" and self._started:
+            if self._observer is not None and not self._observer.is_alive():
+                log.warning("discover.observer_died", inbox=str(self.inbox))
+                self._observer = None
+                self._next_full = None  # what it missed: rescan
+            if self._observer is None:
+                self._start_observer()
+
+        paths, trees, overflowed = self._sink.drain()
+        if overflowed:
+            log.warning("discover.events_overflow", inbox=str(self.inbox), action="full scan")
+            self._next_full = None
+        for tree in trees:
+            rel = self._rel(tree)
+            if rel is not None:
+                self._scan(now, full=True, top=rel)
+        for path in paths:
+            rel = self._rel(path)
+            if rel is not None and rel not in ("",):
+                self._look(rel, now)
+
+        if self._next_full is None or now >= self._next_full:
+            self._scan(now, full=True)
+            self._next_full = now + float(self.watch.rescan_interval)
+            self._next_quick = now + float(self.watch.poll_interval)
+        elif self.effective_mode == "poll" and (self._next_quick is None or now >= self._next_quick):
+            self._scan(now, full=False)
+            self._next_quick = now + float(self.watch.poll_interval)
+        return self._settled(now)
+
+    # ----------------------------------------------------------------- inbox health
+    def _check_inbox(self, now: float) -> bool:
+        problem = None
+        try:
+            st = os.stat(self.inbox)
+            if not stat.S_ISDIR(st.st_mode):
+                problem = f"inbox is not a folder: {self.inbox}"
+        except FileNotFoundError:
+            problem = f"inbox missing: {self.inbox}"
+        except OSError as exc:
+            problem = f"inbox unreadable: {self.inbox}: {exc.strerror or exc}"
+        if problem is not None:
+            if problem != self.problem:
+                log.warning("discover.inbox_problem", inbox=str(self.inbox), problem=problem)
+                self._stop_observer()
+            self.problem = problem
+            return False
+        ident = (st.st_dev, st.st_ino)
+        if self.problem is not None or (self._inbox_id is not None and ident != self._inbox_id):
+            # Back (a share mounted again) or replaced: look at it afresh.
+            log.info("discover.inbox_back", inbox=str(self.inbox), was=self.problem)
+            self._stop_observer()
+            self._resolve()
+            self._root_real = os.path.realpath(self.inbox)
+            self._dirs.clear()
+            self._next_full = None
+            if self._started:
+                self._start_observer()
+        self.problem = None
+        self._inbox_id = ident
+        return True
+
+    # ----------------------------------------------------------------- paths
+    def _rel(self, path: str) -> str | None:
+        """Relative POSIX path of an event path inside the inbox, None when outside/ignored."""
+        root = str(self.inbox)
+        if path == root:
+            return ""
+        if not path.startswith(root.rstrip("/") + "/"):
+            return None
+        rel = path[len(root.rstrip("/")) + 1:].strip("/")
+        if not rel or self.rules.ignored(rel):
+            return None
+        if not self._recursive and "/" in rel:
+            return None
+        parent = rel.rpartition("/")[0]
+        if parent and self._excluded(parent):
+            return None
+        return rel
+
+    def _excluded(self, drel: str) -> bool:
+        if not self._exclude:
+            return False
+        real = os.path.join(self._root_real, drel) if drel else self._root_real
+        return any(real == ex or real.startswith(ex + "/") for ex in self._exclude)
+
+    def _parents_are_dirs(self, rel: str) -> bool:
+        """Every folder between the inbox and rel is a real folder (no symlink on the way)."""
+        parts = rel.split("/")[:-1]
+        cur = str(self.inbox)
+        for part in parts:
+            cur = os.path.join(cur, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    # ----------------------------------------------------------------- one path
+    def _look(self, rel: str, now: float) -> None:
+        """An event said rel may have changed: stat it."""
+        if not self._parents_are_dirs(rel):
+            self._vanished(rel)
+            return
+        abspath = os.path.join(self.inbox, rel)
+        try:
+            st = os.lstat(abspath)
+        except FileNotFoundError:
+            self._vanished(rel)
+            return
+        except OSError as exc:
+            log.warning("discover.stat_failed", path=rel, error=str(exc))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if not self._excluded(rel):
+                self._scan(now, full=True, top=rel)
+            return
+        self._classify(rel, st, now)
+
+    def _classify(self, rel: str, st: os.stat_result, now: float) -> None:
+        mode = st.st_mode
+        if not stat.S_ISREG(mode):
+            for test, kind in _SPECIAL_KINDS:
+                if test(mode):
+                    break
+            else:
+                kind = "special file"
+            self._settle.pop(rel, None)
+            self._note(rel, f"refused:{kind}", lambda: log.warning(
+                "discover.refused", path=rel, reason=f"{kind}: never followed or read"))
+            return
+        ext = _extension(rel)
+        if ext not in READ_EXTENSIONS:
+            self._settle.pop(rel, None)
+            if ext in COMPANION_EXTENSIONS:
+                self._note(rel, "companion", lambda: log.debug(
+                    "discover.companion", path=rel))
+            elif ext in RAW_EXTENSIONS:
+                self._note(rel, "skipped:raw", lambda: log.info(
+                    "discover.skipped", path=rel,
+                    reason=f"RAW camera file (.{ext}) is not read; left in place"))
+            else:
+                self._note(rel, "skipped:other", lambda: log.info(
+                    "discover.skipped", path=rel,
+                    reason=f"not a photo we read (.{ext or 'no extension'}); left in place"))
+            return
+        self._noted.pop(rel, None)
+        key = (st.st_size, st.st_mtime_ns)
+        if self._reported.get(rel) == key:
+            return
+        ent = self._settle.get(rel)
+        if ent is None or (ent.size, ent.mtime_ns) != key:
+            self._settle[rel] = _Settling(st.st_size, st.st_mtime_ns, now)
+
+    def _note(self, rel: str, what: str, emit: Any) -> None:
+        if self._noted.get(rel) != what:
+            self._noted[rel] = what
+            emit()
+
+    def _vanished(self, rel: str) -> None:
+        if self._settle.pop(rel, None) is not None:
+            log.debug("discover.vanished", path=rel)
+        self._reported.pop(rel, None)
+        self._noted.pop(rel, None)
+        if rel in self._dirs:
+            self._drop_tree(rel)
+
+    def _drop_tree(self, drel: str) -> None:
+        prefix = drel + "/"
+        for d in [d for d in self._dirs if d == drel or d.startswith(prefix)]:
+            del self._dirs[d]
+        for table in (self._settle, self._reported, self._noted):
+            for rel in [r for r in table if r.startswith(prefix)]:
+                del table[rel]
+        self._unreadable = {d for d in self._unreadable if d != drel and not d.startswith(prefix)}
+
+    # ----------------------------------------------------------------- scans
+    def _scan(self, now: float, *, full: bool, top: str = "") -> None:
+        t0 = time.perf_counter()
+        listed = stated = dirs = 0
+        stack = [top]
+        while stack:
+            drel = stack.pop()
+            dpath = os.path.join(self.inbox, drel) if drel else str(self.inbox)
+            try:
+                st = os.lstat(dpath) if drel else os.stat(dpath)
+            except FileNotFoundError:
+                if drel:
+                    self._vanished(drel)
+                continue
+            except OSError as exc:
+                self._warn_unreadable(drel, exc)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                if drel:
+                    self._drop_tree(drel)
+                    self._dirs.pop(drel, None)
+                    self._look(drel, now)
+                continue
+            dirs += 1
+            state = self._dirs.get(drel)
+            if full or state is None or state.mtime_ns != st.st_mtime_ns or not state.trusted:
+                state, n = self._list(drel, dpath, st, now, state)
+                if state is None:
+                    continue
+                listed += 1
+                stated += n
+            if self._recursive:
+                stack.extend(_join(drel, name) for name in state.subdirs)
+        ms = (time.perf_counter() - t0) * 1000
+        self.last_scan = {"full": full, "top": top, "dirs": dirs, "listed": listed,
+                          "stated": stated, "ms": round(ms, 3)}
+        log.debug("discover.scan", inbox=str(self.inbox), **self.last_scan)
+
+    def _warn_unreadable(self, drel: str, exc: OSError) -> None:
+        if drel not in self._unreadable:
+            self._unreadable.add(drel)
+            log.warning("discover.unreadable", path=drel or ".", error=str(exc))
+
+    def _list(self, drel: str, dpath: str, st: os.stat_result, now: float,
+              old: _Dir | None) -> tuple[_Dir | None, int]:
+        subdirs: list[str] = []
+        files: set[str] = set()
+        stated = 0
+        try:
+            with os.scandir(dpath) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            if drel:
+                self._vanished(drel)
+                self._dirs.pop(drel, None)
+            return None, 0
+        except OSError as exc:
+            self._warn_unreadable(drel, exc)
+            return None, 0
+        self._unreadable.discard(drel)
+        for entry in entries:
+            name = entry.name
+            if self.rules.name_ignored(name):
+                continue
+            rel = _join(drel, name)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not self._excluded(rel) and not self.rules.ignored(rel):
+                    subdirs.append(name)
+                continue
+            if self.rules.ignored(rel):
+                continue
+            files.add(name)
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                files.discard(name)
+                self._vanished(rel)
+                continue
+            except OSError as exc:
+                log.warning("discover.stat_failed", path=rel, error=str(exc))
+                continue
+            stated += 1
+            self._classify(rel, est, now)
+        if old is not None:
+            for name in old.files - files:
+                self._vanished(_join(drel, name))
+            for name in set(old.subdirs) - set(subdirs):
+                self._drop_tree(_join(drel, name))
+        if old is None or old.mtime_ns != st.st_mtime_ns:
+            new = _Dir(st.st_mtime_ns, now, False, tuple(subdirs), frozenset(files))
+        else:
+            trusted = self._trust_dir_mtime and (old.trusted or now - old.listed_at >= DIR_TRUST_MARGIN)
+            new = _Dir(st.st_mtime_ns, old.listed_at, trusted, tuple(subdirs), frozenset(files))
+        self._dirs[drel] = new
+        return new, stated
+
+    # ----------------------------------------------------------------- settle
+    def _settled(self, now: float) -> list[Candidate]:
+        settle = float(self.watch.settle_seconds)
+        out: list[Candidate] = []
+        for rel, ent in list(self._settle.items()):
+            if now - ent.since < settle:
+                continue
+            abspath = os.path.join(self.inbox, rel)
+            try:
+                st = os.lstat(abspath)
+            except FileNotFoundError:
+                self._vanished(rel)
+                continue
+            except OSError as exc:
+                log.warning("discover.stat_failed", path=rel, error=str(exc))
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (ent.size, ent.mtime_ns):
+                self._classify(rel, st, now)  # changed: settles again from now (or refused)
+                continue
+            if not self._parents_are_dirs(rel):
+                self._vanished(rel)
+                continue
+            del self._settle[rel]
+            self._reported[rel] = (st.st_size, st.st_mtime_ns)
+            out.append(Candidate(rel, Path(abspath), st.st_size, st.st_mtime_ns))
+        out.sort(key=lambda c: (c.mtime_ns, c.rel))
+        return out
