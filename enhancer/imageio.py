@@ -1,0 +1,745 @@
+"""Image I/O faithful to the original: decode a photo into float32 RGB (+ alpha) pages, and encode
+the enhanced pages back in the input's format with its EXIF, ICC profile, alpha, bit depth and
+grayscale-ness kept.
+
+What the rest of the project relies on (see tests/test_imageio.py for one round trip per point):
+
+* ``probe`` reads the header only (PIL opens lazily): format, displayed size (after EXIF
+  orientation), pages, animation. Size limits, decompression bombs and animated files are
+  refused here, before any pixel is decoded.
+* ``decode`` = probe + pixels. EXIF orientation is applied; 16-bit PNG/TIFF keep all 16 bits
+  (Pillow reduces 16-bit *RGB* to 8 bits, so those go through OpenCV); CMYK is converted to sRGB
+  through its embedded ICC profile when it has one; palette images become RGB(A).
+* ``encode`` writes the enhanced pages: EXIF with Orientation = 1 and the new pixel dimensions,
+  the ICC profile byte-identical, alpha, 16 bits where the source had them, grayscale as
+  grayscale (Rec. 601 luma, the weights Pillow and JPEG use).
+* Files are opened with ``O_NOFOLLOW`` (the inbox is untrusted); every PIL/OpenCV error or warning
+  is translated into one of enhancer.errors' classes, never let through.
+
+Decisions (see the module's tests): palette images are written as RGB(A) (no re-quantisation);
+CMYK with an ICC profile is converted to sRGB and the output carries lcms' built-in sRGB
+profile, CMYK without one is converted naively and written without a profile; a still GIF is
+read and written as PNG; a JPEG that Pillow opens as MPO (phones embed a second picture) is read
+as a JPEG, first picture only; HEIF with several top-level images: the primary one.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import io
+import math
+import os
+import stat
+import struct
+import threading
+import warnings
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import structlog
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+
+from enhancer.errors import AnimatedError, TooLargeError, UndecodableError, UnsupportedError
+
+log = structlog.get_logger(__name__)
+
+EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "heic", "heif"})
+
+# What PIL may try when it identifies a file: our formats (+ GIF, so that a .gif is identified
+# and refused or read cleanly). Keeping the list short also keeps exotic plugins (EPS runs
+# Ghostscript on load) away from untrusted input.
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "DIB", "GIF", "HEIF")   # JPEG yields MPO too
+_FORMAT_NAMES = {"MPO": "JPEG", "DIB": "BMP"}
+_WRITABLE = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "HEIF")
+_CONFIGURED = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp"),
+               "tiff": ("TIFF", "tif")}
+_TIFF_COMPRESSIONS = {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"}
+_ORIENTATION, _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x0112, 0x8769, 0xA002, 0xA003
+# Descriptive IFD0 tags carried from a TIFF source (its IFD0 also holds strip offsets etc.).
+_TIFF_EXIF_KEEP = (270, 271, 272, 305, 306, 315, 33432, 0x8769, 0x8825)
+_LUMA = (0.299, 0.587, 0.114)       # Rec. 601, as Pillow's convert("L") and JPEG
+_CHUNK_ROWS = 512                   # rows per block when quantising (bounds temporaries)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_megapixels: float = 80
+    max_output_megapixels: float = 64
+    max_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Info:
+    """From the header only, nothing decoded. width/height as displayed (after EXIF orientation)."""
+
+    format: str            # JPEG, PNG, WEBP, TIFF, BMP, HEIF (GIF for a still .gif)
+    width: int
+    height: int
+    pages: int
+    animated: bool
+    mode: str              # PIL mode of the first page (Pillow says "RGB" for 16-bit RGB)
+
+
+@dataclass
+class Page:
+    rgb: np.ndarray                    # float32 (H, W, 3) in [0, 1], orientation applied
+    alpha: np.ndarray | None = None    # float32 (H, W) in [0, 1]
+
+
+@dataclass
+class Decoded:
+    info: Info
+    pages: list[Page]
+    bits: int                          # 8 or 16
+    gray: bool                         # L, LA, I;16, 1
+    exif: bytes | None                 # original EXIF ("Exif\0\0" + TIFF structure)
+    icc: bytes | None                  # profile to carry over (sRGB after an ICC CMYK conversion)
+    palette: bool
+    extra: dict = field(default_factory=dict)   # dpi, compression, webp_lossless, notes, …
+
+
+# ----------------------------------------------------------------------------------- opening
+
+@functools.cache
+def _register_heif() -> None:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+@functools.cache
+def heif_can_write() -> bool:
+    """True when pillow-heif has a working HEVC encoder (measured once by encoding 8×8)."""
+    _register_heif()
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), "HEIF", quality=50)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        log.info("imageio.heif_write_unavailable", error=str(exc))
+        return False
+    return True
+
+
+_PIL_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pil_guard(limits: Limits, name: str) -> Iterator[None]:
+    """PIL's decompression-bomb limit set from *our* limit for the duration of one open+decode,
+    restored afterwards (under a lock: imageio calls are serialised). Truncated files are never
+    loaded half-way; PIL warnings are logged, never printed; bomb warnings become errors."""
+    pixels = max(1, int(limits.max_input_megapixels * 1e6))
+    with _PIL_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = pixels, False
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                # Between 1× and 2× the limit PIL only warns: our own check, right after the
+                # header is read, refuses those with the numbers in the message.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                try:
+                    yield
+                except Image.DecompressionBombError as exc:
+                    raise TooLargeError(f"{name}: refused as a decompression bomb (over twice "
+                                        f"max_input_megapixels): {exc}") from exc
+            for w in caught:
+                text = str(w.message)
+                if "truncated" in text.lower():
+                    raise UndecodableError(f"{name}: truncated image data ({text})")
+                log.warning("imageio.decoder_warning", path=name, message=text,
+                            category=w.category.__name__)
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+@contextmanager
+def _opened(path: Path, limits: Limits) -> Iterator[tuple[Image.Image, int, int]]:
+    """Open without following links, check size, identify with PIL (lazy). Yields (im, fd, bytes)
+    inside the PIL guard."""
+    path = Path(path)
+    name = path.name
+    _register_heif()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsupportedError(f"{name} is a symbolic link; links in the inbox are not "
+                                   "followed") from exc
+        raise   # missing/unreadable file: not the content's fault, the caller decides
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedError(f"{name} is not a regular file")
+        if st.st_size > limits.max_bytes:
+            raise TooLargeError(f"{name} has {st.st_size} bytes, over the limit of "
+                                f"{limits.max_bytes} bytes")
+        if st.st_size == 0:
+            raise UndecodableError(f"{name} is empty (0 bytes)")
+        with _pil_guard(limits, name):
+            try:
+                im = Image.open(fh, formats=_PIL_FORMATS)
+            except UnidentifiedImageError as exc:
+                head = os.pread(fd, 16, 0)
+                raise UndecodableError(
+                    f"{name} is not a readable JPEG, PNG, WebP, TIFF, BMP or HEIF image "
+                    f"({st.st_size} bytes starting with {head!r})") from exc
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
+                    RuntimeError) as exc:
+                raise UndecodableError(f"{name}: corrupt or truncated image header: {exc}") from exc
+            with im:
+                yield im, fd, st.st_size
+
+
+def _format(im: Image.Image) -> str:
+    fmt = im.format or "?"
+    return _FORMAT_NAMES.get(fmt, fmt)
+
+
+def _exif_at_open(im: Image.Image, fmt: str) -> Image.Exif | None:
+    """EXIF known without decoding pixels. PNG: only an eXIf chunk before IDAT (Pillow's
+    getexif() would decode the image to look behind it; browsers ignore a late one too)."""
+    if fmt == "JPEG":
+        return im.getexif()
+    raw = im.info.get("exif")
+    if not raw:
+        return None
+    ex = Image.Exif()
+    ex.load(raw)
+    return ex
+
+
+def _orientation(im: Image.Image, fmt: str) -> int:
+    if fmt == "HEIF":
+        return 1        # libheif applies irot/imir itself and pillow-heif resets EXIF to 1
+    try:
+        if fmt == "TIFF":                    # per page: the current IFD's own tag
+            value = im.tag_v2.get(274, 1) if hasattr(im, "tag_v2") else 1
+            value = int(value[0] if isinstance(value, tuple) else value)
+            return value if 1 <= value <= 8 else 1
+        ex = _exif_at_open(im, fmt)
+        value = int(ex.get(_ORIENTATION, 1)) if ex is not None else 1
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError) as exc:
+        log.warning("imageio.bad_exif", error=str(exc))
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _displayed_size(im: Image.Image, fmt: str) -> tuple[int, int]:
+    """Size after EXIF orientation. Pillow's TIFF plugin already reports (and on load applies)
+    it; the stored size is taken from the tags so that both Pillow behaviours give one answer."""
+    orientation = _orientation(im, fmt)
+    if fmt == "TIFF" and hasattr(im, "tag_v2") and 256 in im.tag_v2 and 257 in im.tag_v2:
+        w, h = int(im.tag_v2[256]), int(im.tag_v2[257])
+    else:
+        w, h = im.size
+    return (h, w) if orientation >= 5 else (w, h)
+
+
+def _check_pixels(name: str, w: int, h: int, limits: Limits, what: str = "") -> None:
+    limit = limits.max_input_megapixels * 1e6
+    if w * h > limit:
+        raise TooLargeError(f"{name}{what}: {w}×{h} = {w * h / 1e6:.1f} MP is over "
+                            f"max_input_megapixels = {limits.max_input_megapixels:g}")
+
+
+def _check_png_bomb(name: str, im: Image.Image, size: int) -> None:
+    """Deflate expands at most ~1032:1: a PNG whose header claims more raw bytes than its file
+    could hold is truncated or a bomb. Refused before decoding even under a raised limit."""
+    w, h = im.size
+    raw = h * (1 + (w + 7) // 8)      # the least it can be: 1 bit per pixel, + filter bytes
+    if raw > size * 1100 + 1_000_000:
+        raise TooLargeError(f"{name}: header declares {w}×{h} ({w * h / 1e6:.0f} MP) but the file "
+                            f"has {size} bytes; refused as a decompression bomb")
+
+
+def _info(im: Image.Image, name: str, limits: Limits, size: int) -> Info:
+    fmt = _format(im)
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    pages, animated = 1, False
+    if fmt in ("GIF", "WEBP", "PNG") and frames > 1:
+        raise AnimatedError(f"{name}: animated {fmt} with {frames} frames is not supported")
+    if fmt == "TIFF":
+        pages = frames
+    w, h = im.size
+    _check_pixels(name, w, h, limits)
+    if fmt == "PNG":
+        _check_png_bomb(name, im, size)
+    w, h = _displayed_size(im, fmt)
+    return Info(format=fmt, width=w, height=h, pages=pages, animated=animated, mode=im.mode)
+
+
+def probe(path: Path, limits: Limits) -> Info:
+    """Header only. Raises TooLargeError, AnimatedError, UnsupportedError, UndecodableError."""
+    path = Path(path)
+    with _opened(path, limits) as (im, _fd, size):
+        info = _info(im, path.name, limits, size)
+        for i in range(1, info.pages):        # every TIFF page within the limits too
+            im.seek(i)
+            _check_pixels(path.name, *im.size, limits, what=f" page {i + 1}")
+        return info
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation as numpy views (no copy); the float conversion makes it contiguous."""
+    if orientation == 2:
+        return a[:, ::-1]
+    if orientation == 3:
+        return a[::-1, ::-1]
+    if orientation == 4:
+        return a[::-1]
+    if orientation == 5:
+        return a.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(a, -1)
+    if orientation == 7:
+        return a[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(a, 1)
+    return a
+
+
+def _to_float(a: np.ndarray) -> np.ndarray:
+    scale = 1.0 / (65535.0 if a.dtype == np.uint16 or a.dtype.itemsize == 2 else 255.0)
+    out = np.empty(a.shape, np.float32)
+    np.multiply(a, np.float32(scale), out=out, dtype=np.float32, casting="unsafe")
+    return out
+
+
+def _page_from_array(a: np.ndarray, orientation: int, gray: bool, has_alpha: bool) -> Page:
+    a = _orient(a, orientation)
+    if gray:
+        lum = _to_float(a[..., 0] if a.ndim == 3 else a)
+        alpha = _to_float(a[..., -1]) if has_alpha else None
+        return Page(rgb=np.repeat(lum[..., None], 3, axis=2), alpha=alpha)
+    rgb = _to_float(a[..., :3])
+    alpha = _to_float(a[..., 3]) if has_alpha else None
+    return Page(rgb=rgb, alpha=alpha)
+
+
+def _srgb_bytes() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _pil_page(im: Image.Image, orientation: int, extra: dict, name: str) -> tuple[Page, dict]:
+    """Pixels of the current PIL frame. Returns the page and what it was (gray, alpha, bits…)."""
+    mode = im.mode
+    meta = {"gray": False, "alpha": False, "bits": 8, "palette": False, "cmyk": False}
+    im.load()
+    if getattr(im, "format", None) == "TIFF" and 274 not in getattr(im, "tag_v2", {274: 1}):
+        orientation = 1          # Pillow's TIFF plugin transposed on load and dropped the tag
+    if mode == "CMYK":
+        meta["cmyk"] = True
+        icc = im.info.get("icc_profile")
+        if icc:
+            try:
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"),
+                                               outputMode="RGB")
+                extra["cmyk_conversion"] = "embedded ICC profile → sRGB"
+            except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+                log.warning("imageio.cmyk_icc_failed", path=name, error=str(exc))
+                im = im.convert("RGB")
+                extra["cmyk_conversion"] = f"naive (embedded profile unusable: {exc})"
+        else:
+            im = im.convert("RGB")
+            extra["cmyk_conversion"] = "naive (no embedded profile)"
+    elif mode in ("P", "PA"):
+        meta["palette"] = True
+        im = im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("RGBa", "La"):
+        im = im.convert(mode[0:-1] + "A")
+    elif mode in ("RGBX", "YCbCr"):
+        im = im.convert("RGB")
+    elif mode == "RGB" and "transparency" in im.info:
+        im = im.convert("RGBA")         # tRNS colour key in an RGB PNG
+    elif mode == "L" and "transparency" in im.info:
+        im = im.convert("LA")
+    elif mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N", "I"):
+        raise UnsupportedError(f"{name}: pixel mode {mode} is not supported")
+    mode = im.mode
+    a = np.asarray(im)
+    if mode == "I":
+        # 32-bit integer container (some 16-bit grays); values are 16-bit samples
+        a = np.clip(a, 0, 65535).astype(np.uint16)
+    if mode.startswith("I"):
+        meta["bits"] = 16
+        a = a.astype(np.uint16, copy=False)
+    meta["gray"] = mode in ("L", "LA") or mode.startswith("I")
+    meta["alpha"] = mode in ("RGBA", "LA")
+    page = _page_from_array(a, orientation, meta["gray"], meta["alpha"])
+    return page, meta
+
+
+def _is_16bit_color(im: Image.Image, fmt: str) -> bool:
+    """Pillow holds 16-bit RGB(A) as 8-bit RGB(A): detect it from the header."""
+    if im.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    if fmt == "PNG":
+        return any(";16" in str(t.args) for t in im.tile)
+    if fmt == "TIFF":
+        bps = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None
+        bps = bps if isinstance(bps, tuple) else (bps,)
+        return bool(bps) and all(b == 16 for b in bps)
+    return False
+
+
+def _read_all(fd: int, size: int) -> np.ndarray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return np.frombuffer(buf, np.uint8, count=got)
+
+
+def _cv2_pages(name: str, fmt: str, data: np.ndarray) -> list[np.ndarray]:
+    """16-bit colour pixels through OpenCV (BGR(A) → RGB(A) views)."""
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        if fmt == "TIFF":
+            ok, arrays = cv2.imdecodemulti(data, flags)
+            arrays = list(arrays) if ok else []
+        else:
+            a = cv2.imdecode(data, flags)
+            arrays = [] if a is None else [a]
+    except cv2.error as exc:
+        raise UndecodableError(f"{name}: corrupt 16-bit {fmt} data: {exc}") from exc
+    if not arrays:
+        raise UndecodableError(f"{name}: corrupt or truncated 16-bit {fmt} data")
+    out = []
+    for a in arrays:
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.shape[2] >= 3:
+            a = np.concatenate([a[..., 2::-1], a[..., 3:]], axis=2) if a.shape[2] == 4 \
+                else a[..., ::-1]
+        out.append(a)
+    return out
+
+
+def _webp_lossless(fd: int, size: int) -> bool:
+    """A VP8L chunk (and no lossy VP8 one) means the WebP was lossless."""
+    pos, found = 12, set()
+    while pos + 8 <= size and len(found) < 64:
+        head = os.pread(fd, 8, pos)
+        if len(head) < 8:
+            break
+        tag, length = head[:4], struct.unpack("<I", head[4:])[0]
+        found.add(tag)
+        pos += 8 + length + (length & 1)
+    return b"VP8L" in found and b"VP8 " not in found
+
+
+def _clean_exif(im: Image.Image, fmt: str) -> bytes | None:
+    try:
+        if fmt == "TIFF":
+            ifd0 = im.getexif()
+            keep = Image.Exif()
+            for tag in _TIFF_EXIF_KEEP:
+                if tag in (0x8769, 0x8825):
+                    sub = ifd0.get_ifd(tag)
+                    if sub:
+                        keep.get_ifd(tag).update(sub)
+                elif tag in ifd0:
+                    keep[tag] = ifd0[tag]
+            return keep.tobytes() if len(keep) or keep.get_ifd(0x8769) else None
+        raw = im.info.get("exif")
+        if not raw:
+            return None
+        return raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError) as exc:
+        log.warning("imageio.bad_exif", error=str(exc))
+        return None
+
+
+def decode(path: Path, limits: Limits) -> Decoded:
+    """probe, then pixels. Raises like probe, and UndecodableError on corrupt/truncated data."""
+    path = Path(path)
+    name = path.name
+    with _opened(path, limits) as (im, fd, size):
+        info = _info(im, name, limits, size)
+        fmt = info.format
+        extra: dict = {"source_format": im.format}
+        if "dpi" in im.info:
+            extra["dpi"] = tuple(float(x) for x in im.info["dpi"])
+        if fmt == "TIFF" and im.info.get("compression"):
+            extra["compression"] = im.info["compression"]
+        if fmt == "WEBP":
+            extra["webp_lossless"] = _webp_lossless(fd, size)
+        if fmt == "JPEG":
+            extra["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
+            if im.format == "MPO":
+                extra["note"] = "multi-picture JPEG: first picture only"
+        exif = _clean_exif(im, fmt)
+        icc = im.info.get("icc_profile") or None
+        orientations, sixteen = [], []
+        for i in range(info.pages):
+            if i:
+                im.seek(i)
+                _check_pixels(name, *im.size, limits, what=f" page {i + 1}")
+            orientations.append(_orientation(im, fmt))
+            sixteen.append(_is_16bit_color(im, fmt))
+        pages: list[Page] = []
+        metas: list[dict] = []
+        try:
+            if any(sixteen):
+                arrays = _cv2_pages(name, fmt, _read_all(fd, size))
+                if len(arrays) != info.pages:
+                    raise UndecodableError(f"{name}: OpenCV read {len(arrays)} of "
+                                           f"{info.pages} pages")
+                for i, a in enumerate(arrays):
+                    gray = a.shape[2] < 3
+                    alpha = a.shape[2] in (2, 4)
+                    # OpenCV applies TIFF orientation itself, even when told not to.
+                    orient = 1 if fmt == "TIFF" else orientations[i]
+                    pages.append(_page_from_array(a, orient, gray, alpha))
+                    metas.append({"gray": gray, "alpha": alpha, "palette": False, "cmyk": False,
+                                  "bits": 16 if a.dtype == np.uint16 else 8})
+            else:
+                for i in range(info.pages):
+                    im.seek(i)
+                    page, meta = _pil_page(im, orientations[i], extra, name)
+                    pages.append(page)
+                    metas.append(meta)
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
+                zlib.error, RuntimeError) as exc:
+            raise UndecodableError(f"{name}: truncated or corrupt {fmt} data: {exc}") from exc
+    first = metas[0]
+    if first["cmyk"]:
+        icc = _srgb_bytes() if extra.get("cmyk_conversion", "").startswith("embedded") else None
+    extra["page_modes"] = [("16" if m["bits"] == 16 else "8") + ("gray" if m["gray"] else "rgb")
+                           + ("+alpha" if m["alpha"] else "") for m in metas]
+    log.debug("imageio.decoded", path=name, format=fmt, width=info.width, height=info.height,
+              pages=info.pages, modes=extra["page_modes"])
+    return Decoded(info=info, pages=pages, bits=max(m["bits"] for m in metas),
+                   gray=first["gray"], exif=exif, icc=icc,
+                   palette=any(m["palette"] for m in metas), extra=extra)
+
+
+# ----------------------------------------------------------------------------------- sizes
+
+def output_scale(info: Info, wanted: float, limits: Limits) -> float:
+    """The upscale factor actually used: ``wanted``, reduced so that the output stays within
+    max_output_megapixels (rounded down to 1/1000). Never below 1.0."""
+    if wanted <= 0:
+        raise ValueError(f"upscale must be positive, got {wanted}")
+    limit = limits.max_output_megapixels * 1e6
+    pixels = info.width * info.height
+    if pixels * wanted * wanted <= limit:
+        return float(wanted)
+    scale = math.floor(math.sqrt(limit / pixels) * 1000) / 1000
+    while scale > 1.0 and round(info.width * scale) * round(info.height * scale) > limit:
+        scale -= 0.001
+    return max(1.0, round(scale, 3))
+
+
+def output_format(src_format: str, configured: str) -> tuple[str, str]:
+    """(PIL format, extension without dot); extension "" = keep the input's own extension."""
+    src = _FORMAT_NAMES.get(src_format.upper(), src_format.upper())
+    configured = configured.lower()
+    if configured == "same":
+        if src == "HEIF":
+            return ("HEIF", "") if heif_can_write() else ("JPEG", "jpg")
+        if src in _WRITABLE:
+            return src, ""
+        return "PNG", "png"            # a still GIF (or anything else we read) → PNG
+    if configured not in _CONFIGURED:
+        raise ValueError(f"output_format must be same|png|jpeg|webp|tiff, got {configured!r}")
+    fmt, ext = _CONFIGURED[configured]
+    return fmt, "" if fmt == src else ext
+
+
+def resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Alpha (H, W) float32 → size (w, h) with Lanczos, clipped to [0, 1]."""
+    out = cv2.resize(np.ascontiguousarray(alpha, dtype=np.float32), tuple(size),
+                     interpolation=cv2.INTER_LANCZOS4)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+# ----------------------------------------------------------------------------------- encoding
+
+def _quantize_into(out: np.ndarray, src: np.ndarray, maxval: int) -> None:
+    """float [0,1] → integers, block by block (temporaries bounded to _CHUNK_ROWS rows)."""
+    for y in range(0, src.shape[0], _CHUNK_ROWS):
+        block = src[y:y + _CHUNK_ROWS] * np.float32(maxval)
+        block += np.float32(0.5)
+        np.clip(block, 0, maxval, out=block)
+        out[y:y + _CHUNK_ROWS] = block        # casts (truncates the +0.5 → rounds)
+
+
+def _luma_into(out: np.ndarray, rgb: np.ndarray, maxval: int) -> None:
+    r, g, b = _LUMA
+    for y in range(0, rgb.shape[0], _CHUNK_ROWS):
+        blk = rgb[y:y + _CHUNK_ROWS]
+        lum = blk[..., 0] * np.float32(r * maxval)
+        lum += blk[..., 1] * np.float32(g * maxval)
+        lum += blk[..., 2] * np.float32(b * maxval)
+        lum += np.float32(0.5)
+        np.clip(lum, 0, maxval, out=lum)
+        out[y:y + _CHUNK_ROWS] = lum
+
+
+def _page_array(page: Page, gray: bool, alpha: bool, bits: int) -> np.ndarray:
+    h, w = page.rgb.shape[:2]
+    maxval = 65535 if bits == 16 else 255
+    dtype = np.uint16 if bits == 16 else np.uint8
+    channels = (1 if gray else 3) + (1 if alpha else 0)
+    out = np.empty((h, w, channels), dtype)
+    if gray:
+        _luma_into(out[..., 0], page.rgb, maxval)
+    else:
+        _quantize_into(out[..., :3], page.rgb, maxval)
+    if alpha:
+        if page.alpha is None or page.alpha.shape != (h, w):
+            raise ValueError(f"alpha of shape {None if page.alpha is None else page.alpha.shape} "
+                             f"does not match the image ({h}, {w}); use resize_alpha")
+        _quantize_into(out[..., -1], page.alpha, maxval)
+    return out[..., 0] if channels == 1 else out
+
+
+def _flatten_on_white(page: Page) -> Page:
+    """For formats without alpha (JPEG, BMP when asked): composite over white."""
+    if page.alpha is None:
+        return page
+    a = page.alpha[..., None]
+    rgb = page.rgb * a
+    rgb += 1.0 - a
+    return Page(rgb=rgb.astype(np.float32, copy=False), alpha=None)
+
+
+def _new_exif(src: Decoded, size: tuple[int, int]) -> bytes | None:
+    if not src.exif:
+        return None
+    try:
+        ex = Image.Exif()
+        ex.load(src.exif)
+        ex[_ORIENTATION] = 1
+        sub = ex.get_ifd(_EXIF_IFD)
+        if sub:
+            sub[_PIXEL_X], sub[_PIXEL_Y] = int(size[0]), int(size[1])
+        return ex.tobytes()
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError) as exc:
+        log.warning("imageio.exif_dropped", error=str(exc))
+        return None
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _png_with_metadata(png: bytes, icc: bytes | None, exif: bytes | None,
+                       dpi: tuple[float, float] | None) -> bytes:
+    """Insert iCCP, eXIf and pHYs right after IHDR of a PNG written by OpenCV."""
+    chunks = b""
+    if icc:
+        chunks += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))
+    if exif:
+        chunks += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    if dpi:
+        ppm = [max(1, int(round(d / 0.0254))) for d in dpi]
+        chunks += _png_chunk(b"pHYs", struct.pack(">IIB", ppm[0], ppm[1], 1))
+    ihdr_end = 8 + 8 + 13 + 4
+    return png[:ihdr_end] + chunks + png[ihdr_end:]
+
+
+def _encode_16bit_color(src: Decoded, arrays: list[np.ndarray], fmt: str,
+                        exif: bytes | None) -> bytes:
+    dpi = src.extra.get("dpi")
+    bgr = [a[..., [2, 1, 0, 3]] if a.shape[2] == 4 else a[..., ::-1] for a in arrays]
+    if fmt == "PNG":
+        ok, buf = cv2.imencode(".png", bgr[0], [cv2.IMWRITE_PNG_COMPRESSION, 6])
+        if not ok:
+            raise ValueError("OpenCV could not encode the 16-bit PNG")
+        return _png_with_metadata(buf.tobytes(), src.icc, exif, dpi)
+    import tifffile   # 16-bit RGB TIFF: Pillow cannot hold it; tifffile writes ICC and dpi
+
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tw:
+        for i, a in enumerate(arrays):
+            kwargs: dict = {}
+            if i == 0 and src.icc:
+                kwargs["iccprofile"] = src.icc
+            if dpi:
+                kwargs.update(resolution=dpi, resolutionunit="INCH")
+            tw.write(a, photometric="rgb", compression="zlib",
+                     extrasamples=("unassalpha",) if a.shape[2] == 4 else None, **kwargs)
+    return out.getvalue()
+
+
+def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95) -> bytes:
+    """Encode the enhanced pages as ``fmt`` (a PIL format from output_format) with src's
+    metadata. Gray sources are written gray, 16-bit PNG/TIFF sources 16-bit, alpha kept where the
+    format holds it (JPEG: composited over white). Returns the file's bytes."""
+    fmt = fmt.upper()
+    if fmt not in _WRITABLE:
+        raise ValueError(f"cannot encode {fmt}; one of {', '.join(_WRITABLE)}")
+    if not pages:
+        raise ValueError("no pages to encode")
+    if fmt != "TIFF":
+        pages = pages[:1]
+    if fmt == "JPEG" or (fmt == "BMP" and src.gray):    # no alpha there (BMP: no LA)
+        pages = [_flatten_on_white(p) for p in pages]
+    bits = 16 if src.bits == 16 and fmt in ("PNG", "TIFF") else 8
+    gray = src.gray and fmt in ("JPEG", "PNG", "TIFF", "BMP")
+    h, w = pages[0].rgb.shape[:2]
+    exif = _new_exif(src, (w, h))
+    dpi = src.extra.get("dpi")
+
+    arrays = [_page_array(p, gray, p.alpha is not None, bits) for p in pages]
+    if bits == 16 and not gray:
+        return _encode_16bit_color(src, arrays, fmt, exif)
+    if bits == 16 and any(a.ndim == 3 for a in arrays):
+        # 16-bit gray + alpha: Pillow has no LA;16 → 16-bit RGBA (the only lossless choice)
+        arrays = [np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
+                  if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
+        return _encode_16bit_color(src, arrays, fmt, exif)
+
+    images = [_to_pil(a) for a in arrays]
+    kwargs: dict = {}
+    if exif:
+        kwargs["exif"] = exif
+    if src.icc and fmt != "BMP":
+        kwargs["icc_profile"] = src.icc
+    if dpi and fmt in ("JPEG", "PNG", "TIFF", "BMP"):
+        kwargs["dpi"] = dpi
+    if fmt == "JPEG":
+        kwargs.update(quality=int(jpeg_quality), subsampling=0 if jpeg_quality >= 90 else 2,
+                      optimize=True, progressive=bool(src.extra.get("progressive")))
+    elif fmt == "WEBP":
+        if src.extra.get("webp_lossless"):
+            kwargs.update(lossless=True, quality=100, method=4)
+        else:
+            kwargs.update(quality=int(jpeg_quality), method=4)
+    elif fmt == "PNG":
+        kwargs.update(compress_level=6)
+    elif fmt == "TIFF":
+        comp = src.extra.get("compression")
+        kwargs["compression"] = comp if comp in _TIFF_COMPRESSIONS else "tiff_adobe_deflate"
+        if len(images) > 1:
+            kwargs.update(save_all=True, append_images=images[1:])
+    elif fmt == "HEIF":
+        _register_heif()
+        kwargs.update(quality=int(jpeg_quality))
+    out = io.BytesIO()
+    try:
+        images[0].save(out, fmt, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"encoding {fmt} failed: {exc}") from exc
+    return out.getvalue()
+
+
+def _to_pil(a: np.ndarray) -> Image.Image:
+    """uint8 (H,W)/(H,W,2|3|4) → L/LA/RGB/RGBA, uint16 (H,W) → I;16 (Pillow infers the mode)."""
+    return Image.fromarray(np.ascontiguousarray(a))
