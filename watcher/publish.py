@@ -118,14 +118,17 @@ class Publisher:
                 _unlink_quiet(tmp)
             raise _folder_error(exc, "write a temp file", folder) from exc
 
-    def clean_tmp(self) -> int:
-        """Start-up, after recovery: no temp file survives a restart."""
+    def clean_tmp(self, keep: set[str] = frozenset()) -> int:
+        """Start-up, after recovery: no temp file survives a restart (except those of plans that
+        could not finish yet, named in `keep`)."""
         n = 0
         for root in self.roots.values():
             d = root / TMP_DIR
             if not d.is_dir() or d.is_symlink():
                 continue
             for entry in os.scandir(d):
+                if entry.path in keep:
+                    continue
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path)

@@ -1,0 +1,286 @@
+"""`photoenhanced [--config FILE] [--log-format auto|json|text] VERB`: argument parsing → calls into
+the rooms; human and --json output. Exit codes: 0 ok · 1 runtime error · 2 usage · 78 bad config."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import ConfigError, InvalidTransition, UnknownJob
+
+EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="photoenhanced", description="Watch-folder photo enhancer (GFPGAN + Real-ESRGAN).")
+    p.add_argument("--config", help="config file (default: $PHOTOENHANCED_CONFIG, /etc/photoenhanced/config.yaml, ./config.yaml)")
+    p.add_argument("--log-format", choices=("auto", "json", "text"))
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub.add_parser("run", help="the daemon, in the foreground")
+    s = sub.add_parser("status", help="what the daemon is doing")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("list", help="jobs")
+    s.add_argument("--state", choices=("pending", "running", "done", "failed"))
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int)
+    s = sub.add_parser("retry", help="put failed jobs back in the queue")
+    s.add_argument("ids", nargs="*", type=int)
+    s.add_argument("--failed", action="store_true", help="every failed job")
+    s = sub.add_parser("enqueue", help="queue files inside the inbox now, without the settle wait")
+    s.add_argument("paths", nargs="+")
+    s = sub.add_parser("enhance", help="enhance a file or a folder once, without the daemon")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--profile", choices=("faces", "full", "upscale"))
+    s.add_argument("--upscale", type=float)
+    s = sub.add_parser("weights", help="model weights: list, fetch, verify")
+    wsub = s.add_subparsers(dest="wverb", required=True, metavar="ACTION")
+    wl = wsub.add_parser("list")
+    wl.add_argument("--json", action="store_true")
+    wf = wsub.add_parser("fetch")
+    wf.add_argument("names", nargs="*")
+    wv = wsub.add_parser("verify")
+    wv.add_argument("names", nargs="*")
+    sub.add_parser("check-config", help="validate the config and the folders")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EX_USAGE if exc.code not in (0, None) else EX_OK
+    cfg_path = config_mod.find_config(args.config)
+    if args.verb == "run":
+        from .daemon import run
+        return run(cfg_path, args.log_format)
+    try:
+        cfg = config_mod.load(cfg_path)
+    except ConfigError as exc:
+        print(f"photoenhanced: bad config {cfg_path}:", file=sys.stderr)
+        for pr in exc.problems:
+            print(f"  {pr}", file=sys.stderr)
+        return EX_CONFIG
+    from . import logs
+    logs.configure(args.log_format or "text", "warning", stream=sys.stderr)
+    try:
+        return VERBS[args.verb](cfg, args)
+    except UsageError as exc:
+        print(f"photoenhanced: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except (UnknownJob, InvalidTransition) as exc:
+        print(f"photoenhanced: {exc}", file=sys.stderr)
+        return EX_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- verbs -------------------------------------------------------------------------------------
+
+def _queue(cfg, readonly=True):
+    from .queue import Queue
+    if readonly and not cfg.queue_path.exists():
+        return None
+    if not readonly:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    return Queue(cfg.queue_path, readonly=readonly)
+
+
+def cmd_check_config(cfg, args) -> int:
+    problems = config_mod.folder_problems(cfg, create=False)
+    print(f"config {cfg.path}: ok")
+    for name, p in {**cfg.target_folders(), "inbox": cfg.folders.inbox, "state_dir": cfg.state_dir}.items():
+        print(f"  {name:10} {p}" + (f"   ({problems[name]})" if name in problems else ""))
+    print(f"  profile    {cfg.enhance.profile} ×{cfg.enhance.upscale:g} on {cfg.enhance.device}")
+    return EX_OK
+
+
+def cmd_status(cfg, args) -> int:
+    from .daemon import StateLock
+    running = StateLock.held(cfg.state_dir)
+    q = _queue(cfg)
+    counts = q.counts() if q else {"pending": 0, "running": 0, "done": 0, "failed": 0}
+    d = q.daemon() if q else None
+    if q:
+        q.close()
+    d = d or {}
+    state = d.get("state") if running else "stopped"
+    out = {"daemon": {"running": running, "pid": d.get("pid") if running else None, "state": state,
+                      "reason": d.get("reason") if running else None, "since": d.get("started"),
+                      "updated": d.get("updated")},
+           "counts": counts, "current": d.get("current") if running else None,
+           "metrics": d.get("metrics")}
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2))
+        return EX_OK
+    dd = out["daemon"]
+    if running:
+        line = f"photoenhanced: running (pid {dd['pid']}), {dd['state']}"
+        if dd["reason"]:
+            line += f": {dd['reason']}"
+    else:
+        line = "photoenhanced: not running"
+    print(line)
+    if out["current"]:
+        print(f"  now:     {out['current'].get('path')} ({out['current'].get('stage', '')})")
+    print("  queue:   " + " · ".join(f"{counts[k]} {k}" for k in ("pending", "running", "done", "failed")))
+    return EX_OK
+
+
+def _fmt_t(t):
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def cmd_list(cfg, args) -> int:
+    q = _queue(cfg)
+    jobs = q.jobs(args.state, args.limit) if q else []
+    if q:
+        q.close()
+    if args.json:
+        print(json.dumps([j.public() for j in jobs], indent=2))
+        return EX_OK
+    for j in jobs:
+        extra = j.last_error or (j.outputs[0].get("path") if j.outputs else "") or ""
+        print(f"{j.id:6} {j.state:8} {j.attempts}  {_fmt_t(j.updated)}  {j.rel_path}  {extra}")
+    if not jobs:
+        print("no jobs")
+    return EX_OK
+
+
+def cmd_retry(cfg, args) -> int:
+    from .publish import _link_or_rename, fsync_dir
+    if not args.ids and not args.failed:
+        raise UsageError("retry needs job ids or --failed")
+    q = _queue(cfg, readonly=False)
+    try:
+        ids = [j.id for j in q.jobs("failed")] if args.failed else args.ids
+        for i in ids:
+            job = q.get(i)
+            if job.state != "failed":
+                raise InvalidTransition(f"job {i} is {job.state}, not failed")
+            src = Path(job.outputs[0]["path"]) if job.outputs else None
+            dst = cfg.folders.inbox / job.rel_path
+            if src is not None and src.exists():
+                if os.path.lexists(dst):
+                    print(f"photoenhanced: job {i}: {dst} is taken by another file; move it first", file=sys.stderr)
+                    return EX_RUNTIME
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    _link_or_rename(src, dst)
+                except OSError:
+                    import shutil
+                    shutil.copy2(src, dst)
+                    os.unlink(src)
+                fsync_dir(dst.parent)
+                q.retry(i)
+                side = Path(str(src) + ".json")
+                if side.exists():
+                    side.unlink()
+            elif os.path.lexists(dst):
+                q.retry(i)
+            else:
+                print(f"photoenhanced: job {i}: the original is neither in failed/ nor in the inbox", file=sys.stderr)
+                return EX_RUNTIME
+            print(f"job {i}: pending again ({job.rel_path})")
+    finally:
+        q.close()
+    return EX_OK
+
+
+def cmd_enqueue(cfg, args) -> int:
+    from .publish import sha256_file
+    inbox = cfg.folders.inbox.resolve()
+    items = []
+    for p in args.paths:
+        path = Path(os.path.abspath(p))
+        try:
+            rel = path.relative_to(inbox)
+        except ValueError:
+            try:
+                rel = path.parent.resolve().relative_to(inbox) / path.name
+            except ValueError:
+                raise UsageError(f"{p} is not inside the inbox {inbox}") from None
+        if ".." in rel.parts or not rel.parts:
+            raise UsageError(f"{p} is not inside the inbox {inbox}")
+        st = os.lstat(path) if os.path.lexists(path) else None
+        import stat as stat_mod
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
+            raise UsageError(f"{p} is not a regular file")
+        items.append((rel.as_posix(), path, st))
+    q = _queue(cfg, readonly=False)
+    try:
+        for rel, path, st in items:
+            job = q.enqueue(rel, st.st_size, st.st_mtime_ns, sha256_file(path))
+            print(f"job {job.id}: queued {rel}" if job else f"{rel}: already queued")
+    finally:
+        q.close()
+    return EX_OK
+
+
+def cmd_weights(cfg, args) -> int:
+    from enhancer import weights
+    if args.wverb == "list":
+        rows = weights.list_weights(cfg.weights_dir)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return EX_OK
+        for r in rows:
+            state = "ok" if r.get("verified") else ("present, unverified" if r.get("present") else "missing")
+            print(f"{r['name']:24} {state:20} {r.get('licence', '')}")
+        print(f"weights_dir: {cfg.weights_dir}")
+        return EX_OK
+    if args.wverb == "verify":
+        rows = weights.verify(cfg.weights_dir, args.names or None)
+        bad = [r for r in rows if not r.get("ok")]
+        for r in rows:
+            print(f"{r['name']:24} {'ok' if r.get('ok') else 'FAILED: ' + str(r.get('reason'))}")
+        return EX_RUNTIME if bad else EX_OK
+    cfg.weights_dir.mkdir(parents=True, exist_ok=True)
+    bars: dict[str, object] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = tqdm(total=total or None, desc=name, unit="B", unit_scale=True, file=sys.stderr, leave=True)
+        bar.update(done - bar.n)
+
+    names = args.names or _needed_weights(cfg)
+    rows = weights.fetch(cfg.weights_dir, names, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    bad = [r for r in rows if not r.get("ok")]
+    for r in rows:
+        print(f"{r['name']:24} {'ok (' + str(r.get('source')) + ')' if r.get('ok') else 'FAILED: ' + str(r.get('reason'))}")
+    return EX_RUNTIME if bad else EX_OK
+
+
+def _needed_weights(cfg) -> list[str] | None:
+    from enhancer import weights
+    fn = getattr(weights, "needed_for", None)
+    if fn is None:
+        return None
+    return fn(cfg.enhancer_settings())
+
+
+def cmd_enhance(cfg, args) -> int:
+    from .oneoff import enhance_paths
+    return enhance_paths(cfg, Path(args.input), Path(args.output), args.profile, args.upscale)
+
+
+VERBS = {"check-config": cmd_check_config, "status": cmd_status, "list": cmd_list, "retry": cmd_retry,
+         "enqueue": cmd_enqueue, "weights": cmd_weights, "enhance": cmd_enhance}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Wiring: config → folders → lock → recovery → discovery + worker thread; signals set flags;
+sd_notify; reload; exit codes. No business logic here."""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from enhancer.api import EnhancerFactory
+from enhancer.errors import WeightsMissingError
+from . import config as config_mod
+from . import logs
+from .config import Config
+from .errors import ConfigError, LockedError
+from .notify import Notifier
+from .publish import sha256_file
+from .queue import Queue
+from .worker import Worker, recover
+
+log = structlog.get_logger(__name__)
+
+EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+LOOP_S = 0.2
+STATUS_EVERY_S = 2.0
+FOLDERS_EVERY_S = 5.0
+WEIGHTS_RETRY_S = 5.0
+LOAD_ERROR_RETRY_S = 30.0
+
+
+def default_factory(settings):
+    from enhancer.pipeline import build_enhancer   # torch is imported only here, and only by the daemon
+    return build_enhancer(settings)
+
+
+class StateLock:
+    """One daemon per state_dir: an flock on state_dir/daemon.lock, held for the process's life."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "daemon.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockedError(f"another photoenhanced daemon (pid {pid or '?'}) is running on {self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def held(state_dir: Path) -> bool:
+        """Is a daemon running on state_dir? (For the CLI; never blocks.)"""
+        try:
+            fd = os.open(state_dir / "daemon.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+class ModelHolder:
+    """The warm enhancer, built in the worker thread; rebuilt (new first, then swapped) on reload."""
+
+    def __init__(self, factory: EnhancerFactory):
+        self.factory = factory
+        self.enhancer = None
+        self.settings = None
+        self.problem: str | None = "loading models"
+        self.next_try = 0.0
+        self.loading = False
+
+    def ensure(self, settings, now: float) -> None:
+        if self.enhancer is not None and settings == self.settings:
+            return
+        if now < self.next_try and settings == self.settings:
+            return
+        self.loading = True
+        t = time.perf_counter()
+        log.info("models.loading", weights_dir=str(settings.weights_dir))
+        try:
+            new = self.factory(settings)
+        except WeightsMissingError as exc:
+            self.settings, self.next_try = settings, now + WEIGHTS_RETRY_S
+            reason = f"weights missing — run photoenhanced weights fetch ({exc})" if "weights fetch" not in str(exc) else str(exc)
+            if self.problem != reason:
+                log.warning("models.weights_missing", reason=str(exc), missing=getattr(exc, "missing", []))
+            self.problem = reason
+            if self.enhancer is None:
+                return
+            return          # keep the old models on a reload whose new weights are missing
+        except Exception as exc:
+            self.settings, self.next_try = settings, now + LOAD_ERROR_RETRY_S
+            self.problem = f"models failed to load: {type(exc).__name__}: {exc}"
+            log.error("models.load_failed", error=str(exc), exc_info=True)
+            return
+        finally:
+            self.loading = False
+        self.enhancer, self.settings, self.problem = new, settings, None
+        log.info("models.ready", ms=round((time.perf_counter() - t) * 1000), **_describe(new))
+
+
+def _describe(enh) -> dict:
+    try:
+        d = enh.describe()
+    except Exception as exc:  # describe() is informational only
+        return {"describe_error": str(exc)}
+    return {k: v for k, v in d.items() if k in ("device", "precision")}
+
+
+class Daemon:
+    def __init__(self, cfg: Config, factory: EnhancerFactory, notifier: Notifier, cfg_path: Path,
+                 log_format: str | None):
+        self.cfg = cfg
+        self.cfg_path = cfg_path
+        self.log_format = log_format
+        self.notifier = notifier
+        self.models = ModelHolder(factory)
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.wake = threading.Event()
+        self.pending_cfg: Config | None = None
+        self.folder_issues: dict[str, str] = {}
+        self.ready_sent = False
+        self.started = time.time()
+        self.discovery = None
+        self.worker: Worker | None = None
+        self.metrics = None
+        self.hooks = None
+
+    # --- signals: flags only ----------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+
+    # --- parts --------------------------------------------------------------------------------
+
+    def _make_discovery(self, cfg: Config):
+        from .discover import Discovery
+        exclude = [p for p in (cfg.folders.outbox, cfg.folders.failed, cfg.folders.archive, cfg.state_dir) if p]
+        d = Discovery(cfg.folders.inbox, cfg.watch, exclude=exclude)
+        d.start()
+        log.info("discover.started", inbox=str(cfg.folders.inbox), mode=d.effective_mode)
+        return d
+
+    def _make_extras(self, cfg: Config) -> None:
+        try:
+            from .metrics import Metrics
+            self.metrics = self.metrics or Metrics()
+        except ImportError:
+            self.metrics = None
+        try:
+            from .hooks import Hooks
+            if self.hooks is not None:
+                self.hooks.close(1.0)
+            h = cfg.hooks
+            self.hooks = Hooks(h.on_done, h.on_failed, timeout=h.timeout, retries=h.retries) \
+                if (h.on_done or h.on_failed) else None
+        except ImportError:
+            self.hooks = None
+
+    # --- the worker thread ------------------------------------------------------------------
+
+    def _worker_loop(self) -> None:
+        q = Queue(self.cfg.queue_path)
+        self.worker.queue = q
+        try:
+            while not self.stop.is_set():
+                if self.pending_cfg is not None:
+                    cfg, self.pending_cfg = self.pending_cfg, None
+                    self.worker.configure(cfg)
+                    self.worker.hooks = self.hooks
+                self.models.ensure(self.worker.cfg.enhancer_settings(), time.time())
+                self.worker.enhancer = self.models.enhancer
+                self.worker.enhancer_problem = self.models.problem
+                if self.stop.is_set():
+                    break
+                if self.folder_issues or self.models.enhancer is None:
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
+                out = self.worker.run_once()
+                if out is None or out.state == "deferred":
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+        except Exception:
+            log.exception("worker.crashed")
+            self.stop.set()
+        finally:
+            q.close()
+
+    # --- main loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        lock = StateLock(cfg.state_dir)
+        try:
+            lock.acquire()
+        except LockedError as exc:
+            log.error("daemon.locked", reason=str(exc))
+            print(f"photoenhanced: {exc}", file=sys.stderr)
+            return EX_RUNTIME
+        self.install_signals()
+        queue = Queue(cfg.queue_path)
+        try:
+            return self._run(queue)
+        finally:
+            queue.close()
+            lock.release()
+
+    def _run(self, queue: Queue) -> int:
+        cfg = self.cfg
+        self.notifier.extend_timeout(120)
+        self.folder_issues = config_mod.folder_problems(cfg)
+        for name, reason in self.folder_issues.items():
+            log.warning("folders.problem", folder=name, reason=reason)
+        self._make_extras(cfg)
+        self.worker = Worker(cfg, queue, hooks=self.hooks, metrics=self.metrics,
+                             progress=self.notifier.watchdog, on_forget=self._forget)
+        if "outbox" not in self.folder_issues and "failed" not in self.folder_issues:
+            recover(self.worker, queue)
+        self.discovery = self._make_discovery(cfg)
+        log.info("daemon.started", pid=os.getpid(), config=str(self.cfg_path), state_dir=str(cfg.state_dir))
+        thread = threading.Thread(target=self._worker_loop, name="worker", daemon=True)
+        thread.start()
+        last_status = last_folders = 0.0
+        status_text = ""
+        while not self.stop.is_set():
+            now = time.time()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload(queue)
+            if now - last_folders >= FOLDERS_EVERY_S:
+                last_folders = now
+                self._check_folders()
+            self._discover(queue, now)
+            if not self.ready_sent and (self.models.enhancer is not None or
+                                        (self.models.problem and not self.models.loading and self.models.next_try)):
+                self.ready_sent = True
+                text = self._status(queue, now)[1]
+                self.notifier.ready(text)
+                log.info("daemon.ready", status=text)
+            elif not self.ready_sent:
+                self.notifier.extend_timeout(30)
+            if self.worker.current is None:
+                self.notifier.watchdog()        # during a job the worker pings, per step and per tile
+            if now - last_status >= STATUS_EVERY_S or self.worker.current is not None:
+                state, text, reason = self._status(queue, now)
+                if text != status_text or now - last_status >= STATUS_EVERY_S:
+                    self.notifier.status(text)
+                    metrics = self._write_metrics(queue, now)
+                    queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
+                    status_text, last_status = text, now
+            self.stop.wait(LOOP_S)
+        return self._shutdown(queue, thread)
+
+    def _shutdown(self, queue: Queue, thread: threading.Thread) -> int:
+        self.notifier.stopping()
+        current = self.worker.current
+        log.info("daemon.stopping", current=current and current.get("path"))
+        self.wake.set()
+        if self.discovery is not None:
+            self.discovery.stop()
+        thread.join(self.cfg.jobs.stop_timeout)
+        if self.hooks is not None:
+            self.hooks.close(2.0)
+        queue.set_daemon(os.getpid(), "stopped", None, None)
+        if thread.is_alive():
+            log.warning("daemon.stop_timeout", job=current and current.get("job"),
+                        timeout_s=self.cfg.jobs.stop_timeout, note="the job is pending again at the next start")
+            log.info("daemon.stopped", code=0)
+            sys.stdout.flush()
+            os._exit(EX_OK)     # the worker is mid-inference; its job is `running` → pending on restart
+        log.info("daemon.stopped", code=0)
+        return EX_OK
+
+    # --- pieces of the loop -------------------------------------------------------------------
+
+    def _forget(self, rel: str) -> None:
+        if self.discovery is not None:
+            self.discovery.forget(rel)
+
+    def _discover(self, queue: Queue, now: float) -> None:
+        try:
+            found = self.discovery.poll(now)
+        except Exception:
+            log.exception("discover.error")
+            return
+        for c in found:
+            if queue.active(c.rel) is not None:
+                continue
+            try:
+                sha = sha256_file(c.path)
+                st = os.lstat(c.path)
+            except OSError as exc:
+                log.info("discover.vanished", path=c.rel, error=exc.strerror)
+                continue
+            if (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns):
+                self.discovery.forget(c.rel)     # changed while hashing: let it settle again
+                continue
+            job = queue.enqueue(c.rel, c.size, c.mtime_ns, sha, now)
+            if job is not None:
+                log.info("job.queued", job=job.id, path=c.rel, bytes=c.size)
+                self.wake.set()
+
+    def _check_folders(self) -> None:
+        issues = config_mod.folder_problems(self.cfg)
+        if self.worker is not None and self.worker.folder_problem and not issues:
+            issues = {}
+            self.worker.folder_problem = None
+        for name, reason in issues.items():
+            if self.folder_issues.get(name) != reason:
+                log.warning("folders.problem", folder=name, reason=reason)
+        for name in self.folder_issues.keys() - issues.keys():
+            log.info("folders.ok", folder=name)
+        if self.folder_issues and not issues:
+            self.wake.set()
+        self.folder_issues = issues
+
+    def _status(self, queue: Queue, now: float) -> tuple[str, str, str | None]:
+        counts = queue.counts()
+        queued = counts["pending"] + counts["running"]
+        disc_problem = getattr(self.discovery, "problem", None) if self.discovery else None
+        reasons = list(self.folder_issues.values())
+        if self.worker is not None and self.worker.folder_problem:
+            reasons.append(self.worker.folder_problem)
+        if self.models.enhancer is None and self.models.problem:
+            reasons.append(self.models.problem)
+        if disc_problem and disc_problem not in reasons:
+            reasons.append(disc_problem)
+        cur = self.worker.current if self.worker else None
+        if cur is not None:
+            n = counts["done"] + counts["failed"]
+            faces = cur.get("faces")
+            text = f"enhancing {cur['path']} · {queued} queued" + (f" · {faces} faces" if faces is not None else "")
+            return "working", text, None
+        if reasons:
+            reason = "; ".join(dict.fromkeys(reasons))
+            return "waiting", f"waiting: {reason} · {queued} queued", reason
+        midnight = time.mktime(time.localtime(now)[:3] + (0, 0, 0, 0, 0, -1))
+        return "idle", f"idle · {queued} queued · {queue.done_since(midnight)} done today", None
+
+    def _write_metrics(self, queue: Queue, now: float) -> dict | None:
+        if self.metrics is None:
+            return None
+        counts = queue.counts()
+        backoffs = queue.backing_off(now)
+        hooks = self.hooks.counts if self.hooks is not None else {}
+        try:
+            self.metrics.write_textfile(self.cfg.state_dir / "photoenhanced.prom", counts, backoffs, hooks)
+        except OSError as exc:
+            log.warning("metrics.write_failed", error=exc.strerror)
+        snap = self.metrics.snapshot()
+        snap.update({"backoffs": backoffs, "hooks": hooks})
+        return snap
+
+    def _reload(self, queue: Queue) -> None:
+        self.notifier.reloading()
+        log.info("config.reloading", path=str(self.cfg_path))
+        try:
+            new = config_mod.load(self.cfg_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems, kept="previous config")
+            self.notifier.reloaded(self._status(queue, time.time())[1])
+            return
+        if new.state_dir != self.cfg.state_dir:
+            log.warning("config.restart_needed", key="state_dir", note="state_dir changes apply at the next start")
+            new = _replace_state_dir(new, self.cfg.state_dir)
+        old = self.cfg
+        self.cfg = new
+        logs.configure(self.log_format or new.log.format, new.log.level)
+        if (new.folders.inbox, new.watch) != (old.folders.inbox, old.watch):
+            self.discovery.stop()
+            self.discovery = self._make_discovery(new)
+        self._make_extras(new)
+        self.folder_issues = config_mod.folder_problems(new)
+        self.pending_cfg = new
+        self.models.next_try = 0.0
+        self.wake.set()
+        log.info("config.reloaded", path=str(self.cfg_path))
+        self.notifier.reloaded(self._status(queue, time.time())[1])
+
+
+def _replace_state_dir(cfg: Config, state_dir: Path) -> Config:
+    from dataclasses import replace
+    return replace(cfg, state_dir=state_dir)
+
+
+def run(config_path: Path, log_format: str | None = None,
+        enhancer_factory: EnhancerFactory | None = None, environ=os.environ) -> int:
+    """`photoenhanced run`: the daemon in the foreground."""
+    notifier = Notifier(environ)
+    logs.configure(log_format or "auto", "info")
+    try:
+        cfg = config_mod.load(config_path)
+    except ConfigError as exc:
+        log.error("config.invalid", path=str(config_path), problems=exc.problems)
+        print(f"photoenhanced: bad config {exc}", file=sys.stderr)
+        notifier.send(f"STATUS=bad config: {'; '.join(exc.problems)[:400]}")
+        return EX_CONFIG
+    logs.configure(log_format or cfg.log.format, cfg.log.level)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror)
+        print(f"photoenhanced: state_dir {cfg.state_dir} cannot be created: {exc.strerror}", file=sys.stderr)
+        return EX_CONFIG
+    if not os.access(cfg.state_dir, os.W_OK):
+        log.error("state_dir.unusable", path=str(cfg.state_dir), error="not writable")
+        print(f"photoenhanced: state_dir {cfg.state_dir} is not writable", file=sys.stderr)
+        return EX_CONFIG
+    return Daemon(cfg, enhancer_factory or default_factory, notifier, Path(config_path), log_format).run()
+
+
+def main(argv: list[str] | None = None, enhancer_factory: EnhancerFactory | None = None) -> int:
+    """Entry point for `run` with an injectable enhancer factory (tests start the real daemon this
+    way, with a small fake enhancer). Accepts `[--config FILE] [--log-format F] [run]`."""
+    p = argparse.ArgumentParser(prog="photoenhanced")
+    p.add_argument("--config")
+    p.add_argument("--log-format", choices=("auto", "json", "text"))
+    p.add_argument("verb", nargs="?", default="run", choices=("run",))
+    args = p.parse_args(argv)
+    return run(config_mod.find_config(args.config), args.log_format, enhancer_factory)

@@ -1,0 +1,103 @@
+"""`photoenhanced enhance IN OUT`: the same steps as the daemon, once, without a queue. The input is
+never moved or changed; results and sidecars are written durably (temp name, fsync, rename)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from enhancer import imageio
+from enhancer.errors import EnhanceError, WeightsMissingError
+from .config import Config
+from .discover import READ_EXTENSIONS
+from .publish import Publisher, fsync_dir
+from .worker import _DecodeFailed, prepare, render, versions, _iso
+
+log = structlog.get_logger(__name__)
+
+
+def _inputs(src: Path) -> list[tuple[Path, str]]:
+    if src.is_file():
+        return [(src, src.name)]
+    out = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in READ_EXTENSIONS:
+                p = Path(root) / f
+                out.append((p, p.relative_to(src).as_posix()))
+    return out
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.photoenhanced-tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscale: float | None,
+                  factory=None) -> int:
+    if not src.exists():
+        print(f"photoenhanced: {src} does not exist", file=sys.stderr)
+        return 2
+    items = _inputs(src)
+    if not items:
+        print(f"photoenhanced: no photos in {src}", file=sys.stderr)
+        return 1
+    enh_cfg = replace(cfg.enhance, profile=profile or cfg.enhance.profile, upscale=upscale or cfg.enhance.upscale,
+                      folders=())
+    cfg = replace(cfg, enhance=enh_cfg)
+    if factory is None:
+        from .daemon import default_factory as factory
+    try:
+        enhancer = factory(cfg.enhancer_settings())
+    except WeightsMissingError as exc:
+        print(f"photoenhanced: {exc}", file=sys.stderr)
+        return 1
+    limits = imageio.Limits(max_input_megapixels=cfg.enhance.max_input_megapixels,
+                            max_output_megapixels=cfg.enhance.max_output_megapixels)
+    single = src.is_file()
+    failures = 0
+    from tqdm import tqdm
+    bar = tqdm(items, unit="photo", file=sys.stderr, disable=len(items) < 2 and not sys.stderr.isatty())
+    for path, rel in bar:
+        bar.set_postfix_str(rel[-40:])
+        t0 = time.perf_counter()
+        try:
+            prep = prepare(path, cfg, limits, enh_cfg.profile, enh_cfg.upscale, "", 1)
+            r = render(path, prep, enhancer, limits, cfg.enhance.jpeg_quality, lambda **_: None)
+        except (_DecodeFailed, EnhanceError) as exc:
+            err = exc.__cause__ if isinstance(exc, _DecodeFailed) else exc
+            failures += 1
+            print(f"photoenhanced: {rel}: {getattr(err, 'kind', 'internal')}: {err}", file=sys.stderr)
+            continue
+        if single and not (dst.is_dir() or str(dst).endswith(os.sep)):
+            out = dst
+        else:
+            out = dst / Path(rel).parent / prep.result_name
+            if out.exists():
+                out = Publisher.free_name(out.parent, out.name)
+        r.timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
+        st = path.stat()
+        sidecar = {"schema": 1, "status": "done", "job": None,
+                   "input": {"path": str(path), "bytes": st.st_size, "width": prep.info.width,
+                             "height": prep.info.height, "format": prep.info.format, "pages": prep.info.pages},
+                   "profile": prep.eff["profile"], "params": {k: v for k, v in prep.eff.items() if k != "key"},
+                   "timings_ms": r.timings, "attempts": 1, "versions": versions(), "created": _iso(time.time()),
+                   **r.sidecar_extra}
+        sidecar["outputs"][0]["path"] = str(out)
+        _write(out, r.data)
+        _write(Path(str(out) + ".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        log.info("enhance.done", input=str(path), output=str(out), faces=r.faces, ms=r.timings["total"])
+    bar.close()
+    return 1 if failures else 0
