@@ -530,17 +530,32 @@ def decode(path: Path, limits: Limits) -> Decoded:
 
 # ----------------------------------------------------------------------------------- sizes
 
-def output_scale(info: Info, wanted: float, limits: Limits) -> float:
+# Longest side a format can hold (measured with Pillow 13: JPEG fails above 65500, WebP above
+# 16383; PNG, TIFF, BMP and HEIF (grid-coded by pillow-heif) took 40000+).
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
+
+
+def output_scale(info: Info, wanted: float, limits: Limits, fmt: str | None = None) -> float:
     """The upscale factor actually used: ``wanted``, reduced so that the output stays within
-    max_output_megapixels (rounded down to 1/1000). Never below 1.0."""
+    max_output_megapixels (and, given the output ``fmt``, within the longest side that format
+    can hold), rounded down to 1/1000. Never below 1.0 (the input limit was checked already)."""
     if wanted <= 0:
         raise ValueError(f"upscale must be positive, got {wanted}")
     limit = limits.max_output_megapixels * 1e6
-    pixels = info.width * info.height
-    if pixels * wanted * wanted <= limit:
+    side = MAX_SIDE.get((fmt or "").upper())
+    w, h = info.width, info.height
+
+    def fits(k: float) -> bool:
+        ow, oh = round(w * k), round(h * k)
+        return ow * oh <= limit and (side is None or max(ow, oh) <= side)
+
+    if fits(wanted):
         return float(wanted)
-    scale = math.floor(math.sqrt(limit / pixels) * 1000) / 1000
-    while scale > 1.0 and round(info.width * scale) * round(info.height * scale) > limit:
+    scale = math.sqrt(limit / (w * h))
+    if side is not None:
+        scale = min(scale, side / max(w, h))
+    scale = math.floor(min(scale, wanted) * 1000) / 1000
+    while scale > 1.0 and not fits(scale):
         scale -= 0.001
     return max(1.0, round(scale, 3))
 
@@ -694,6 +709,9 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95) ->
     bits = 16 if src.bits == 16 and fmt in ("PNG", "TIFF") else 8
     gray = src.gray and fmt in ("JPEG", "PNG", "TIFF", "BMP")
     h, w = pages[0].rgb.shape[:2]
+    if fmt in MAX_SIDE and max(w, h) > MAX_SIDE[fmt]:
+        raise UnsupportedError(f"{fmt} cannot hold {w}×{h}: at most {MAX_SIDE[fmt]} pixels a "
+                               "side (pass fmt to output_scale, or choose another output_format)")
     exif = _new_exif(src, (w, h))
     dpi = src.extra.get("dpi")
 

@@ -400,6 +400,17 @@ def test_output_scale_is_capped_by_max_output_megapixels():
     assert imageio.output_scale(huge, 2, Limits()) == 1.0
 
 
+def test_output_scale_keeps_within_the_formats_longest_side(tmp_path):
+    pano = imageio.Info("WEBP", 5000, 600, 1, False, "RGB")         # ×4 = 20000×2400, 48 MP
+    assert imageio.output_scale(pano, 4, Limits(), "PNG") == 4.0
+    s = imageio.output_scale(pano, 4, Limits(), "WEBP")
+    assert round(5000 * s) <= 16383 and s == 3.276
+    path = save(tmp_path / "p.webp", Image.new("RGB", (4, 4)), "WEBP")
+    dec = imageio.decode(path, LIM)
+    with pytest.raises(UnsupportedError, match="16383"):
+        imageio.encode(dec, [Page(rgb=np.zeros((2, 16400, 3), np.float32))], "WEBP")
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 def test_truncated_jpeg_is_undecodable(tmp_path):
