@@ -20,7 +20,14 @@ Decisions (see the module's tests): palette images are written as RGB(A) (no re-
 CMYK with an ICC profile is converted to sRGB and the output carries lcms' built-in sRGB
 profile, CMYK without one is converted naively and written without a profile; a still GIF is
 read and written as PNG; a JPEG that Pillow opens as MPO (phones embed a second picture) is read
-as a JPEG, first picture only; HEIF with several top-level images: the primary one.
+as a JPEG, first picture only; HEIF with several top-level images: the primary one (pillow-heif
+decodes 10-bit HEIC to 8 bits). Alpha into JPEG (output_format: jpeg) is composited over white.
+16-bit RGB(A) TIFF is written by tifffile (deflate, ICC and dpi kept, EXIF not: tifffile cannot
+write an EXIF IFD); 16-bit gray+alpha becomes 16-bit RGBA (Pillow has no LA;16). PNG orientation
+comes only from an eXIf chunk before IDAT (decoding the image to look behind it would break
+"header only"; browsers do the same). JPEG: quality as configured, 4:4:4 chroma at quality >= 90
+(4:2:0 below), dpi and progressive kept. WebP: lossless if the source was (a VP8L chunk), else
+quality. TIFF: the source's compression when Pillow can write it, else Adobe deflate.
 """
 from __future__ import annotations
 
