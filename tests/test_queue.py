@@ -1,0 +1,429 @@
+"""Contract tests for watcher/queue.py: the job state machine over a real SQLite file.
+
+Every test uses a fresh queue file in tmp_path; no mocks. Times are passed explicitly (`now=`)
+wherever the queue takes them, so nothing here sleeps.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from watcher.errors import InvalidTransition, UnknownJob
+from watcher.queue import (DONE, FAILED, PENDING, RUNNING, SCHEMA_VERSION, STATES, TRANSITIONS, Job,
+                           Queue)
+
+EVENTS = sorted({event for _, event in TRANSITIONS})
+T0 = 1_000_000.0
+
+
+@pytest.fixture
+def q(tmp_path):
+    queue = Queue(tmp_path / "queue.sqlite3")
+    yield queue
+    queue.close()
+
+
+def _raw_row(queue: Queue, job_id: int) -> tuple:
+    return queue.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+
+def _job_in(queue: Queue, state: str, rel: str) -> Job:
+    """A job brought into `state` through legal transitions only."""
+    job = queue.enqueue(rel, 10, 20, "sha-" + rel, now=T0)
+    assert job is not None and job.state == PENDING
+    if state == PENDING:
+        return job
+    job = queue.apply(job.id, "claim", now=T0 + 1)
+    if state == RUNNING:
+        return job
+    if state == DONE:
+        return queue.finish(job.id, [{"path": "/o/" + rel}], now=T0 + 2)
+    return queue.fail(job.id, "undecodable", "broken", now=T0 + 2)
+
+
+# --- the transition table ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("event", EVENTS)
+def test_every_state_event_pair_follows_the_table(q, state, event):
+    job = _job_in(q, state, f"{state}-{event}.jpg")
+    before = _raw_row(q, job.id)
+    new = TRANSITIONS.get((state, event))
+    if new is None:
+        with pytest.raises(InvalidTransition):
+            q.apply(job.id, event, now=T0 + 50)
+        assert _raw_row(q, job.id) == before          # nothing changed, not even `updated`
+        assert q.get(job.id).state == state
+    else:
+        moved = q.apply(job.id, event, now=T0 + 50)
+        assert moved.state == new
+        assert moved.updated == T0 + 50
+        assert q.get(job.id).state == new
+
+
+def test_table_covers_the_documented_lifecycle():
+    assert TRANSITIONS[(PENDING, "claim")] == RUNNING
+    assert TRANSITIONS[(RUNNING, "finish")] == DONE
+    assert TRANSITIONS[(RUNNING, "fail")] == FAILED
+    assert TRANSITIONS[(FAILED, "retry")] == PENDING
+    # done is terminal: nothing leaves it
+    assert not [k for k in TRANSITIONS if k[0] == DONE]
+    assert set(TRANSITIONS.values()) <= set(STATES)
+
+
+@pytest.mark.parametrize("op", ["finish", "fail", "retry_later", "defer", "requeue", "retry"])
+def test_named_operations_refuse_illegal_states_and_change_nothing(q, op):
+    job = _job_in(q, DONE, "x.jpg")
+    before = _raw_row(q, job.id)
+    calls = {"finish": lambda: q.finish(job.id, []), "fail": lambda: q.fail(job.id, "k", "m"),
+             "retry_later": lambda: q.retry_later(job.id, "k", "m", 5),
+             "defer": lambda: q.defer(job.id, "r", 5), "requeue": lambda: q.requeue(job.id),
+             "retry": lambda: q.retry(job.id)}
+    with pytest.raises(InvalidTransition):
+        calls[op]()
+    assert _raw_row(q, job.id) == before
+
+
+def test_unknown_job_raises(q):
+    with pytest.raises(UnknownJob):
+        q.apply(4242, "claim")
+    with pytest.raises(UnknownJob):
+        q.get(4242)
+    with pytest.raises(UnknownJob):
+        q.retry_later(4242, "k", "m", 1)
+
+
+def test_requeue_running_moves_every_running_job_in_one_go(q):
+    """requeue_running (start-up) moves every running job, in id order, in one transaction."""
+    a = _job_in(q, RUNNING, "a.jpg")
+    b = _job_in(q, RUNNING, "b.jpg")
+    moved = q.requeue_running(now=T0 + 9)
+    assert [j.id for j in moved] == [a.id, b.id]
+    assert {j.state for j in q.jobs()} == {PENDING}
+
+
+# --- claim -------------------------------------------------------------------------------------
+
+def test_claim_takes_the_oldest_due_job_first(q):
+    ids = [q.enqueue(f"{i}.jpg", 1, 1, f"s{i}", now=T0 + i).id for i in range(4)]
+    got = [q.claim(now=T0 + 10).id for _ in range(4)]
+    assert got == ids
+    assert q.claim(now=T0 + 10) is None
+
+
+def test_claim_respects_not_before(q):
+    late = q.enqueue("late.jpg", 1, 1, "a", now=T0, not_before=T0 + 100)
+    early = q.enqueue("early.jpg", 1, 1, "b", now=T0 + 1)
+    first = q.claim(now=T0 + 5)
+    assert first.id == early.id
+    assert q.claim(now=T0 + 99) is None              # the older job is not due yet
+    second = q.claim(now=T0 + 100)
+    assert second.id == late.id and second.state == RUNNING and second.started == T0 + 100
+
+
+def test_claim_clears_wait_reason(q):
+    job = _job_in(q, RUNNING, "w.jpg")
+    q.defer(job.id, "outbox disk full", 0, now=T0 + 3)
+    assert q.get(job.id).wait_reason == "outbox disk full"
+    again = q.claim(now=T0 + 4)
+    assert again.id == job.id and again.wait_reason is None
+
+
+def test_concurrent_claims_from_two_connections_never_share_a_job(tmp_path):
+    path = tmp_path / "queue.sqlite3"
+    setup = Queue(path)
+    n = 120
+    for i in range(n):
+        setup.enqueue(f"f{i:03}.jpg", 1, 1, f"s{i}", now=T0)
+    setup.close()
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        queue = Queue(path)
+        try:
+            barrier.wait()
+            while (job := queue.claim(now=T0 + 1)) is not None:
+                claimed[name].append(job.id)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            queue.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    a, b = set(claimed["a"]), set(claimed["b"])
+    assert not a & b
+    assert len(claimed["a"]) + len(claimed["b"]) == n
+    check = Queue(path)
+    assert check.counts() == {PENDING: 0, RUNNING: n, DONE: 0, FAILED: 0}
+    check.close()
+
+
+# --- enqueue -----------------------------------------------------------------------------------
+
+def test_enqueue_records_the_file_and_starts_pending(q):
+    job = q.enqueue("a/b/IMG.jpg", 123, 456, "abc", now=T0)
+    assert (job.rel_path, job.size, job.mtime_ns, job.sha256) == ("a/b/IMG.jpg", 123, 456, "abc")
+    assert job.state == PENDING and job.attempts == 0 and job.created == T0 == job.updated
+    assert job.plan is None and job.outputs == [] and job.params == {}
+
+
+@pytest.mark.parametrize("active", [PENDING, RUNNING])
+def test_enqueue_refuses_a_second_active_job_for_the_same_path(q, active):
+    job = _job_in(q, active, "dup.jpg")
+    assert q.enqueue("dup.jpg", 99, 99, "other", now=T0 + 5) is None
+    assert [j.id for j in q.jobs()] == [job.id]
+    assert q.active("dup.jpg").id == job.id
+
+
+@pytest.mark.parametrize("final", [DONE, FAILED])
+def test_enqueue_allows_a_new_job_after_done_or_failed(q, final):
+    old = _job_in(q, final, "again.jpg")
+    assert q.active("again.jpg") is None
+    new = q.enqueue("again.jpg", 11, 22, "new-content", now=T0 + 5)
+    assert new is not None and new.id != old.id and new.state == PENDING
+    assert q.get(old.id).state == final
+
+
+def test_the_unique_index_holds_even_without_the_check(q):
+    """The schema itself forbids two active rows per path (a second writer cannot race past it)."""
+    _job_in(q, PENDING, "u.jpg")
+    with pytest.raises(sqlite3.IntegrityError):
+        q.db.execute("INSERT INTO jobs (rel_path, size, mtime_ns, sha256, state, created, updated)"
+                     " VALUES ('u.jpg', 1, 1, 'x', 'pending', 0, 0)")
+
+
+# --- attempts, backoff, defer, retry -----------------------------------------------------------
+
+def test_retry_later_counts_an_attempt_and_backs_off(q):
+    job = _job_in(q, RUNNING, "r.jpg")
+    moved = q.retry_later(job.id, "out_of_memory", "CUDA OOM", 30, now=T0 + 10)
+    assert moved.state == PENDING and moved.attempts == 1
+    assert moved.not_before == T0 + 40
+    assert (moved.error_kind, moved.last_error) == ("out_of_memory", "CUDA OOM")
+    assert q.claim(now=T0 + 39) is None
+    again = q.claim(now=T0 + 40)
+    assert again.id == job.id and again.attempts == 1
+    assert q.retry_later(job.id, "device", "lost", 60, now=T0 + 50).attempts == 2
+
+
+def test_retry_later_drops_a_recorded_plan(q):
+    job = _job_in(q, RUNNING, "p.jpg")
+    q.set_plan(job.id, {"kind": "done", "steps": []})
+    assert q.retry_later(job.id, "k", "m", 1, now=T0 + 5).plan is None
+
+
+def test_defer_spends_no_attempt(q):
+    job = _job_in(q, RUNNING, "d.jpg")
+    moved = q.defer(job.id, "outbox read-only", 5, now=T0 + 10)
+    assert moved.state == PENDING and moved.attempts == 0
+    assert moved.not_before == T0 + 15 and moved.wait_reason == "outbox read-only"
+    assert q.claim(now=T0 + 14) is None
+    assert q.claim(now=T0 + 15).id == job.id
+
+
+def test_requeue_running_at_start_up_keeps_attempts(q):
+    job = _job_in(q, RUNNING, "k.jpg")
+    q.retry_later(job.id, "k", "m", 100, now=T0 + 2)
+    q.claim(now=T0 + 200)
+    q.retry_later(job.id, "k", "m", 100, now=T0 + 201)
+    q.claim(now=T0 + 400)
+    other = _job_in(q, PENDING, "other.jpg")
+    back = q.requeue_running(now=T0 + 500)
+    assert [j.id for j in back] == [job.id]
+    j = q.get(job.id)
+    assert j.state == PENDING and j.attempts == 2 and j.not_before == 0
+    assert q.get(other.id).state == PENDING
+    assert q.requeue_running(now=T0 + 501) == []
+
+
+def test_retry_resets_attempts_and_error(q):
+    job = _job_in(q, RUNNING, "f.jpg")
+    q.retry_later(job.id, "k", "m", 0, now=T0 + 2)
+    q.claim(now=T0 + 3)
+    failed = q.fail(job.id, "out_of_memory", "again", now=T0 + 4, attempts=3, outputs=[{"path": "/f/f.jpg"}])
+    assert failed.state == FAILED and failed.attempts == 3 and failed.outputs == [{"path": "/f/f.jpg"}]
+    back = q.retry(job.id, now=T0 + 5)
+    assert back.state == PENDING and back.attempts == 0
+    assert back.error_kind is None and back.last_error is None and back.outputs == [] and back.finished is None
+
+
+def test_finish_records_outputs_and_clears_the_plan(q):
+    job = _job_in(q, RUNNING, "o.jpg")
+    q.set_plan(job.id, {"kind": "done", "steps": [{"op": "place"}]})
+    done = q.finish(job.id, [{"path": "/out/o.jpg", "sha256": "s"}], now=T0 + 7, duplicate_of=None)
+    assert done.state == DONE and done.plan is None and done.finished == T0 + 7
+    assert done.outputs == [{"path": "/out/o.jpg", "sha256": "s"}]
+    assert q.with_plan() == []
+
+
+def test_forget_only_pending_or_running(q):
+    p = _job_in(q, PENDING, "p.jpg")
+    d = _job_in(q, DONE, "d.jpg")
+    q.forget(p.id)
+    with pytest.raises(UnknownJob):
+        q.get(p.id)
+    with pytest.raises(InvalidTransition):
+        q.forget(d.id)
+    assert q.get(d.id).state == DONE
+
+
+# --- plans -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", [PENDING, RUNNING])
+def test_set_plan_on_active_jobs(q, state):
+    job = _job_in(q, state, "plan.jpg")
+    plan = {"kind": "done", "steps": [{"op": "place", "tmp": "/t", "dst": "/d"}], "record": [{"path": "/d"}]}
+    q.set_plan(job.id, plan, params={"key": "k1"}, profile="faces")
+    got = q.get(job.id)
+    assert got.plan == plan and got.params == {"key": "k1"} and got.profile == "faces"
+    assert [j.id for j in q.with_plan()] == [job.id]
+    q.set_plan(job.id, None)
+    assert q.get(job.id).plan is None and q.with_plan() == []
+
+
+@pytest.mark.parametrize("state", [DONE, FAILED])
+def test_set_plan_refused_on_finished_jobs(q, state):
+    job = _job_in(q, state, "plan.jpg")
+    before = _raw_row(q, job.id)
+    with pytest.raises(InvalidTransition):
+        q.set_plan(job.id, {"kind": "done", "steps": []})
+    assert _raw_row(q, job.id) == before
+
+
+def test_with_plan_ignores_finished_jobs(q):
+    a = _job_in(q, RUNNING, "a.jpg")
+    q.set_plan(a.id, {"kind": "done", "steps": []})
+    b = _job_in(q, RUNNING, "b.jpg")
+    q.set_plan(b.id, {"kind": "failed", "steps": []})
+    q.finish(a.id, [{"path": "/x"}])
+    assert [j.id for j in q.with_plan()] == [b.id]
+
+
+# --- duplicates --------------------------------------------------------------------------------
+
+def _done_with_params(q, rel, sha, key, outputs):
+    job = q.enqueue(rel, 1, 1, sha, now=T0)
+    q.claim(now=T0 + 1)
+    q.set_plan(job.id, {"kind": "done", "steps": []}, params={"key": key})
+    return q.finish(job.id, outputs, now=T0 + 2)
+
+
+def test_done_with_finds_a_done_job_by_content_and_settings_key(q):
+    first = _done_with_params(q, "a.jpg", "SHA", "faces:2", [{"path": "/o/a.jpg"}])
+    later = _done_with_params(q, "b.jpg", "SHA", "faces:2", [{"path": "/o/b.jpg"}])
+    _done_with_params(q, "c.jpg", "SHA", "full:4", [{"path": "/o/c.jpg"}])
+    assert q.done_with("SHA", "faces:2").id == later.id          # the latest one
+    assert q.done_with("SHA", "full:4").rel_path == "c.jpg"
+    assert q.done_with("SHA", "upscale:2") is None
+    assert q.done_with("OTHER", "faces:2") is None
+    assert first.id != later.id
+
+
+def test_done_with_ignores_jobs_that_are_not_done_or_have_no_outputs(q):
+    _done_with_params(q, "empty.jpg", "S2", "k", [])
+    job = q.enqueue("run.jpg", 1, 1, "S2", now=T0)
+    q.claim(now=T0 + 1)
+    q.set_plan(job.id, {"kind": "done", "steps": []}, params={"key": "k"})
+    assert q.done_with("S2", "k") is None
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+def test_counts_and_listing(q):
+    _job_in(q, PENDING, "p1.jpg")
+    _job_in(q, PENDING, "p2.jpg")
+    _job_in(q, RUNNING, "r.jpg")
+    _job_in(q, DONE, "d.jpg")
+    _job_in(q, FAILED, "f.jpg")
+    assert q.counts() == {PENDING: 2, RUNNING: 1, DONE: 1, FAILED: 1}
+    assert [j.rel_path for j in q.jobs(PENDING)] == ["p1.jpg", "p2.jpg"]
+    assert len(q.jobs()) == 5 and len(q.jobs(limit=2)) == 2
+    assert q.due_pending(T0 + 10) == 2
+    pub = q.jobs(FAILED)[0].public()
+    assert pub["state"] == FAILED and pub["path"] == "f.jpg" and pub["error_kind"] == "undecodable"
+
+
+def test_empty_queue_counts_every_state(q):
+    assert q.counts() == {s: 0 for s in STATES}
+
+
+# --- the file on disk ----------------------------------------------------------------------------
+
+def test_wal_synchronous_full_and_user_version(tmp_path):
+    path = tmp_path / "queue.sqlite3"
+    queue = Queue(path)
+    assert queue.db.execute("PRAGMA synchronous").fetchone()[0] == 2         # FULL
+    assert queue.db.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    queue.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"      # persistent in the file
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+    finally:
+        raw.close()
+
+
+def test_reopening_keeps_jobs_and_does_not_migrate_again(tmp_path):
+    path = tmp_path / "queue.sqlite3"
+    first = Queue(path)
+    job = first.enqueue("keep.jpg", 1, 2, "s", now=T0)
+    first.close()
+    second = Queue(path)
+    assert second.get(job.id).rel_path == "keep.jpg"
+    second.close()
+
+
+def test_a_readonly_queue_reads_while_a_writer_holds_the_write_lock(tmp_path):
+    path = tmp_path / "queue.sqlite3"
+    writer = Queue(path)
+    job = writer.enqueue("seen.jpg", 1, 1, "s", now=T0)
+    writer.db.execute("BEGIN IMMEDIATE")
+    writer.db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job.id,))
+    reader = Queue(path, readonly=True, timeout=0.5)
+    try:
+        assert reader.counts()[PENDING] == 1                                   # committed state only
+        assert reader.get(job.id).state == PENDING
+        with pytest.raises(sqlite3.OperationalError):
+            reader.db.execute("UPDATE jobs SET attempts = 5")                  # truly read-only
+    finally:
+        writer.db.execute("COMMIT")
+    assert reader.get(job.id).state == RUNNING
+    reader.close()
+    writer.close()
+
+
+def test_daemon_status_row_round_trips(q):
+    assert q.daemon() is None
+    q.set_daemon(321, "working", None, {"job": 1, "path": "a.jpg"}, metrics={"done": 3}, started=T0)
+    d = q.daemon()
+    assert d["pid"] == 321 and d["state"] == "working" and d["reason"] is None
+    assert d["current"] == {"job": 1, "path": "a.jpg"} and d["metrics"] == {"done": 3} and d["started"] == T0
+    assert d["updated"] > 0
+    q.set_daemon(321, "waiting", "outbox disk full", None)                     # metrics/started kept
+    d = q.daemon()
+    assert (d["state"], d["reason"], d["current"]) == ("waiting", "outbox disk full", None)
+    assert d["metrics"] == {"done": 3} and d["started"] == T0
+    assert q.db.execute("SELECT COUNT(*) FROM daemon").fetchone()[0] == 1
+
+
+def test_a_newer_schema_than_the_code_is_refused(tmp_path):
+    path = tmp_path / "queue.sqlite3"
+    Queue(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Queue(path)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1   # left alone
+    raw.close()
