@@ -210,7 +210,7 @@ class Worker:
             st = os.lstat(src)
         except FileNotFoundError:
             return
-        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns) or time.time() - st.st_mtime < self.cfg.watch.settle_seconds:
+        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
             raise _Changed()
 
     def _duplicate(self, job: Job, prep: "Prepared", t0: float) -> Outcome | None:
@@ -334,8 +334,8 @@ class _DecodeFailed(Exception):
 def prepare(src: Path, cfg: Config, limits, profile: str, upscale: float, hot: str, attempt: int) -> Prepared:
     """Header only: limits, the output scale and format, the effective settings."""
     info = imageio.probe(src, limits)
-    scale = imageio.output_scale(info, upscale, limits)
     fmt, ext = imageio.output_format(info.format, cfg.enhance.output_format)
+    scale = imageio.output_scale(info, upscale, limits, fmt)
     m = cfg.enhance.models
     key = f"{profile}:{scale:g}:{fmt}:{cfg.enhance.jpeg_quality}:{m.face}:{m.background}:{m.detector}"
     params = Params(profile=profile, upscale=scale, tile=cfg.enhance.tile, attempt=attempt)
