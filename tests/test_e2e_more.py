@@ -90,6 +90,7 @@ def test_disk_full_outbox_waits_without_spending_attempts(tmp_path, daemon_facto
         job = json.loads(cli(cfg, "list", "--json").stdout)[0]
         assert job["attempts"] == 0 and job["state"] == "done"
         assert not any((out / ".photoenhanced-tmp").iterdir())
+        assert any(e.get("event") == "job.publish_again" for e in d.events()), "the result was recomputed"
         assert d.stop() == 0
     finally:
         _umount(out)

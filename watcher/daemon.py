@@ -353,9 +353,9 @@ class Daemon:
             reasons.append(disc_problem)
         cur = self.worker.current if self.worker else None
         if cur is not None:
-            n = counts["done"] + counts["failed"]
+            n = self.worker.handled + 1
             faces = cur.get("faces")
-            text = f"enhancing {cur['path']} · {queued} queued" + (f" · {faces} faces" if faces is not None else "")
+            text = f"enhancing {cur['path']} · {n} of {n + queued - 1}" + (f" · {faces} faces" if faces is not None else "")
             return "working", text, None
         if reasons:
             reason = "; ".join(dict.fromkeys(reasons))

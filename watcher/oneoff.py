@@ -15,7 +15,7 @@ from enhancer import imageio
 from enhancer.errors import EnhanceError, WeightsMissingError
 from .config import Config
 from .discover import READ_EXTENSIONS
-from .publish import Publisher, fsync_dir
+from .publish import Publisher, fsync_dir, sha256_file
 from .worker import _DecodeFailed, prepare, render, versions, _iso
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
         r.timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
         st = path.stat()
         sidecar = {"schema": 1, "status": "done", "job": None,
-                   "input": {"path": str(path), "bytes": st.st_size, "width": prep.info.width,
+                   "input": {"path": str(path), "bytes": st.st_size, "sha256": sha256_file(path), "width": prep.info.width,
                              "height": prep.info.height, "format": prep.info.format, "pages": prep.info.pages},
                    "profile": prep.eff["profile"], "params": {k: v for k, v in prep.eff.items() if k != "key"},
                    "timings_ms": r.timings, "attempts": 1, "versions": versions(), "created": _iso(time.time()),

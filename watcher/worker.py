@@ -75,6 +75,10 @@ class Worker:
         self.on_forget = on_forget or (lambda rel: None)
         self.current: dict | None = None
         self.folder_problem: str | None = None
+        self.handled = 0               # jobs finished (done or failed) since start, for "3 of 17"
+        # A result whose publish hit a folder problem (disk full, read-only): kept so that the retry
+        # publishes it again instead of recomputing. One at a time: (job id, sha256, args).
+        self._held: tuple[int, str, tuple] | None = None
         self._versions = versions()
         self.configure(cfg)
 
@@ -105,6 +109,7 @@ class Worker:
             out = self._guarded(job)
         finally:
             self.current = None
+        self.handled += out.state in ("done", "failed")
         if self.metrics is not None and out.state in ("done", "failed", "retry"):
             self.metrics.outcome(out.state if out.state != "retry" else "retried")
         return out
@@ -163,6 +168,9 @@ class Worker:
         job = self._check_source(job, src)
         if job is None:
             return Outcome(-1, "", "vanished")
+        if self._held is not None and self._held[:2] == (job.id, job.sha256):
+            log.info("job.publish_again", job=job.id, path=job.rel_path)
+            return self._publish_done(job, *self._held[2])
         t0 = time.perf_counter()
         profile, upscale, hot = self.cfg.enhance.for_path(job.rel_path)
         self.progress(stage="decode")
@@ -247,8 +255,9 @@ class Worker:
     def _publish_done(self, job: Job, data: bytes, result_name: str, sidecar: dict, eff: dict, out_info: dict,
                       timings: dict, t0: float, duplicate_of: int | None = None, faces: int = 0) -> Outcome:
         self.progress(stage="publish")
+        self._held = (job.id, job.sha256, (data, result_name, sidecar, eff, out_info, timings, t0, duplicate_of, faces))
         t = time.perf_counter()
-        timings["total"] = _ms(t0)
+        timings.setdefault("total", _ms(t0))
         sidecar["timings_ms"] = timings
         plan = self.publisher.plan_done(job.id, job.rel_path, job.size, job.mtime_ns, data, result_name, sidecar)
         out = {**out_info, "path": plan["outputs"][0]}
@@ -257,6 +266,7 @@ class Worker:
                             profile=eff.get("profile"))
         self.publisher.execute(plan)
         self.queue.finish(job.id, [out], duplicate_of=duplicate_of)
+        self._held = None
         if self.metrics is not None:
             for stage, ms in timings.items():
                 self.metrics.observe(stage, ms)
