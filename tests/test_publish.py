@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import PY, ROOT, write_config
 from watcher import config as config_mod
 from watcher.errors import FolderError
 from watcher.publish import TMP_DIR, PlanBroken, Publisher
@@ -69,6 +69,21 @@ def tmp_files(*roots: Path) -> list[str]:
 
 def sidecar_of(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@contextmanager
+def readonly(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot bind-mount (needs root): {r.stderr.strip()}")
+    try:
+        r = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @contextmanager
@@ -346,16 +361,6 @@ def _assert_done_once(dirs: Dirs, rel_dir: str = "r", name: str = "IMG.jpg", xmp
     assert files(dirs.inbox) == {}
 
 
-def _steps_of(dirs: Dirs) -> int:
-    drop(dirs.inbox, "r/IMG.jpg")
-    drop(dirs.inbox, "r/IMG.xmp", b"<xmp/>")
-    pub = dirs.publisher()
-    plan = plan_done(pub, "r/IMG.jpg")
-    n = len(plan["steps"])
-    pub.execute(plan)
-    return n
-
-
 @pytest.mark.parametrize("k", range(6))
 def test_a_crash_after_any_prefix_of_a_done_plan_completes_exactly_once(dirs, k):
     drop(dirs.inbox, "r/IMG.jpg")
@@ -624,3 +629,92 @@ def test_recover_drops_a_broken_plan_and_keeps_the_job_pending(tmp_path):
     assert (cfg.folders.inbox / "IMG.jpg").read_bytes() == ORIG      # processed again later, never lost
     assert files(cfg.folders.outbox) == {}
     queue.close()
+
+
+def test_recover_waits_on_a_read_only_archive_keeps_the_plan_and_its_temp_files(tmp_path):
+    cfg, queue, worker = _daemon_parts(tmp_path)
+    job, plan, record = _record_done_plan(cfg, queue, worker, "IMG.jpg")
+    queue.close()
+    queue = Queue(cfg.queue_path)
+    with readonly(cfg.folders.archive):
+        stats = recover(Worker(cfg, queue), queue)
+        assert stats["done"] == 0 and stats["dropped"] == 0
+        j = queue.get(job.id)
+        assert j.state == PENDING and j.plan is not None and j.attempts == 0   # waiting, no attempt spent
+        assert (cfg.folders.inbox / "IMG.jpg").read_bytes() == ORIG
+        assert all(os.path.lexists(s["tmp"]) or os.path.lexists(s["dst"]) for s in plan["steps"] if s["op"] == "place")
+    stats = recover(Worker(cfg, queue), queue)                       # the folder is writable again
+    assert stats["done"] == 1
+    assert queue.get(job.id).state == DONE and queue.get(job.id).outputs == record
+    assert files(cfg.folders.archive) == {"IMG.jpg": ORIG} and files(cfg.folders.inbox) == {}
+    assert tmp_files(cfg.folders.outbox, cfg.folders.archive, cfg.folders.failed) == []
+    queue.close()
+
+
+# --- durability order, seen from the system calls -----------------------------------------------
+
+_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+from watcher.publish import Publisher
+root = Path(sys.argv[1])
+pub = Publisher(root / "inbox", root / "outbox", root / "failed", root / "archive", "archive")
+st = os.stat(root / "inbox/a/IMG.jpg")
+plan = pub.plan_done(7, "a/IMG.jpg", st.st_size, st.st_mtime_ns, b"result" * 100, "IMG.jpg", {"job": 7})
+pub.execute(plan)
+"""
+
+
+def _fs_events(log: Path) -> list[tuple]:
+    """From an `strace -f` log: ("fsync", path) / ("link", src, dst) / ("unlink", path), in order, with
+    each fsync's file descriptor resolved to the path it was opened with at that moment."""
+    import re
+    fds: dict[tuple[str, str], str] = {}
+    out: list[tuple] = []
+    for line in log.read_text().splitlines():
+        m = re.match(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)", line)
+        if not m:
+            continue
+        pid, name, args, ret = m.groups()
+        paths = [os.path.normpath(x) for x in re.findall(r'"((?:[^"\\]|\\.)*)"', args)]
+        if name == "openat" and paths and int(ret) >= 0:
+            fds[(pid, ret)] = paths[0]
+        elif name in ("fsync", "fdatasync") and int(ret) == 0:
+            out.append(("fsync", fds.get((pid, args.strip()), "?")))
+        elif name in ("link", "linkat", "rename", "renameat", "renameat2") and len(paths) >= 2 and int(ret) == 0:
+            out.append(("link", paths[0], paths[1]))
+        elif name in ("unlink", "unlinkat") and paths and int(ret) == 0:
+            out.append(("unlink", paths[-1]))
+    return out
+
+
+def test_temp_files_are_fsynced_before_rename_and_the_original_leaves_last(dirs):
+    drop(dirs.inbox, "a/IMG.jpg")
+    (dirs.outbox / "a").mkdir()
+    script = dirs.root / "pub.py"
+    script.write_text(_SCRIPT)
+    log = dirs.root / "strace.log"
+    r = subprocess.run(["strace", "-f", "-qq", "-s", "4096", "-o", str(log), "-e",
+                        "trace=openat,fsync,fdatasync,link,linkat,rename,renameat,renameat2,unlink,unlinkat",
+                        PY, str(script), str(dirs.root)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    if r.returncode and ("ptrace" in r.stderr or "not permitted" in r.stderr):
+        pytest.skip(f"strace not permitted: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    ev = _fs_events(log)
+    root = str(dirs.root)
+    src, outdir = f"{root}/inbox/a/IMG.jpg", f"{root}/outbox/a"
+    placed = [(i, e[1], e[2]) for i, e in enumerate(ev) if e[0] == "link" and e[2].startswith(outdir + "/")]
+    assert sorted(Path(dst).name for _, _, dst in placed) == ["IMG.jpg", "IMG.jpg.json"]
+    for i, tmp, dst in placed:
+        assert f"/outbox/{TMP_DIR}/" in tmp
+        assert ("fsync", tmp) in ev[:i], f"{tmp} was not fsynced before it was linked to {dst}"
+    gone = [i for i, e in enumerate(ev) if e == ("unlink", src)]
+    assert len(gone) == 1, "the original was not removed from the inbox exactly once"
+    last_place = max(i for i, _, _ in placed)
+    assert gone[0] > last_place                                      # results in place before the original leaves
+    assert ("fsync", outdir) in ev[last_place:gone[0]], "outbox folder not fsynced before the original left"
+    archived = [i for i, e in enumerate(ev) if e == ("link", src, f"{root}/archive/a/IMG.jpg")]
+    assert archived and archived[0] < gone[0]
+    assert ("fsync", f"{root}/archive/a") in ev[archived[0]:gone[0]]
+    assert (dirs.archive / "a/IMG.jpg").read_bytes() == ORIG
