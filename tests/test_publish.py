@@ -718,3 +718,21 @@ def test_temp_files_are_fsynced_before_rename_and_the_original_leaves_last(dirs)
     assert archived and archived[0] < gone[0]
     assert ("fsync", f"{root}/archive/a") in ev[archived[0]:gone[0]]
     assert (dirs.archive / "a/IMG.jpg").read_bytes() == ORIG
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Publisher._below normalises but does not refuse symlinked folders "
+                   "on the way, so a job whose rel path runs through inbox/link -> elsewhere moves (unlinks) a "
+                   "file outside the inbox; `photoenhanced enqueue inbox/link/x` creates such a job")
+def test_a_rel_path_through_a_symlinked_folder_never_touches_files_outside_the_inbox(dirs):
+    outside = dirs.root / "outside"
+    outside.mkdir()
+    drop(outside, "secret.jpg")
+    os.symlink(outside, dirs.inbox / "link")
+    pub = dirs.publisher()
+    try:
+        plan = plan_failed(pub, "link/secret.jpg")
+        pub.execute(plan)
+    except (ValueError, FolderError, OSError):
+        pass
+    assert (outside / "secret.jpg").read_bytes() == ORIG
+    assert files(dirs.failed) == {} or not any(v == ORIG for v in files(dirs.failed).values())
