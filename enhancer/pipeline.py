@@ -39,7 +39,7 @@ log = structlog.get_logger(__name__)
 
 PARSER_MODEL = "parsenet"
 TILE_FLOOR = 64
-TILE_PAD = 16
+TILE_PAD = 32                       # overlap per side (capped at tile // 4)
 MAX_FACES = 50
 DETECT_MAX_SIDE = 1600
 FACE_SIZE = 512

@@ -4,7 +4,8 @@ tiles' upscaled outputs back so that seams vanish.
 Each tile has a *core* (the tiles' cores partition the image) and a *padded* input region
 (the core grown by `pad` on every side that is not an image border). Outputs are blended with
 linear ramps across each overlap of width 2*pad: the two neighbours' weights sum to exactly 1
-everywhere, and a pixel far from any seam comes from one tile only.
+everywhere, the outer half of each pad (spoilt by the tile's zero padding) is dropped, and a
+pixel far from any seam comes from one tile only.
 """
 from __future__ import annotations
 
@@ -52,18 +53,20 @@ def plan_tiles(height: int, width: int, tile: int, pad: int = 16) -> list[Tile]:
 
 
 def _ramp(p0: int, c0: int, c1: int, p1: int, n: int) -> np.ndarray:
-    """1-D weights over the padded span [p0, p1): rise across [c0-d, c0+d) where d = c0-p0,
-    fall across [c1-d', c1+d'), flat 1 elsewhere; image borders (p0 == 0, p1 == n) stay 1."""
+    """1-D weights over the padded span [p0, p1). With pad d = c0 - p0 and r = d // 2 the
+    weight rises linearly across [c0 - r, c0 + r) and falls across [c1 - r, c1 + r): the
+    outer half of every pad (where the tile's own zero padding spoils the output) gets weight
+    0, the neighbour's ramp is the mirror image (the two sum to 1), image borders stay 1."""
     pos = np.arange(p0, p1, dtype=np.float64) + 0.5
     w = np.ones(p1 - p0, dtype=np.float64)
     if c0 > 0:
-        d = c0 - p0
-        if d > 0:
-            w = np.minimum(w, np.clip((pos - (c0 - d)) / (2 * d), 0.0, 1.0))
+        r = (c0 - p0) // 2
+        w = np.minimum(w, np.clip((pos - (c0 - r)) / (2 * r), 0.0, 1.0) if r else
+                       (pos >= c0).astype(np.float64))
     if c1 < n:
-        d = p1 - c1
-        if d > 0:
-            w = np.minimum(w, np.clip(((c1 + d) - pos) / (2 * d), 0.0, 1.0))
+        r = (p1 - c1) // 2
+        w = np.minimum(w, np.clip(((c1 + r) - pos) / (2 * r), 0.0, 1.0) if r else
+                       (pos < c1).astype(np.float64))
     return w
 
 
