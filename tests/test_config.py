@@ -446,8 +446,6 @@ def test_a_folder_of_the_wrong_type_is_reported_once(tmp_path):
     assert _problems(tmp_path, raw) == ["folders.inbox: expected a path, got 5"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hot-folder names are not normalised: './p4' and 'x//y' are "
-                   "accepted but Enhance.for_path never matches them (silently ignored)")
 def test_hot_folder_names_are_normalised(tmp_path):
     cfg = parse(_raw(enhance={"folders": {"./p4": {"profile": "full"}, "x//y": {"upscale": 3}}}), tmp_path)
     assert cfg.enhance.for_path("p4/a.jpg") == ("full", 2.0, "p4")

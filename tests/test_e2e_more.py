@@ -121,6 +121,9 @@ def test_enqueue_retry_and_usage_errors(tmp_path):
     outside = make_jpeg(tmp_path / "elsewhere.jpg")
     r = cli(cfg, "enqueue", str(outside))
     assert r.returncode == 2 and "not inside the inbox" in r.stderr
+    os.symlink(tmp_path, tmp_path / "inbox" / "escape")
+    r = cli(cfg, "enqueue", str(tmp_path / "inbox" / "escape" / "elsewhere.jpg"))
+    assert r.returncode == 2 and "symlink" in r.stderr
     p = make_jpeg(tmp_path / "inbox" / "q" / "now.jpg")
     r = cli(cfg, "enqueue", str(p))
     assert r.returncode == 0, r.stderr

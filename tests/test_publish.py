@@ -227,8 +227,6 @@ def test_a_file_appearing_at_the_result_name_after_planning_is_never_overwritten
     assert (dirs.inbox / "IMG.jpg").read_bytes() == ORIG            # the original stays until it is safe
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Publisher._move treats any existing dst as 'moved before a crash' "
-                   "and unlinks the original, so a foreign file at the archive name loses the original")
 def test_a_foreign_file_at_the_archive_name_never_costs_the_original(dirs):
     drop(dirs.inbox, "IMG.jpg")
     pub = dirs.publisher()
@@ -519,8 +517,6 @@ def test_disk_full_raises_folder_error_and_leaves_no_temp_file(dirs):
     assert (dirs.inbox / "IMG.jpg").read_bytes() == ORIG
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: plan_done leaks the result temp file when a later temp write "
-                   "(sidecar or .xmp) fails; on a full disk the leak keeps it full until a restart")
 def test_disk_full_after_the_result_leaves_no_temp_file(dirs):
     drop(dirs.inbox, "IMG.jpg")
     with tmpfs(dirs.outbox, size="64k"):
@@ -720,9 +716,6 @@ def test_temp_files_are_fsynced_before_rename_and_the_original_leaves_last(dirs)
     assert (dirs.archive / "a/IMG.jpg").read_bytes() == ORIG
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Publisher._below normalises but does not refuse symlinked folders "
-                   "on the way, so a job whose rel path runs through inbox/link -> elsewhere moves (unlinks) a "
-                   "file outside the inbox; `photoenhanced enqueue inbox/link/x` creates such a job")
 def test_a_rel_path_through_a_symlinked_folder_never_touches_files_outside_the_inbox(dirs):
     outside = dirs.root / "outside"
     outside.mkdir()

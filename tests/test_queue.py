@@ -10,6 +10,8 @@ import threading
 
 import pytest
 
+from watcher.errors import WatcherError
+
 from watcher.errors import InvalidTransition, UnknownJob
 from watcher.queue import (DONE, FAILED, PENDING, RUNNING, SCHEMA_VERSION, STATES, TRANSITIONS, Job,
                            Queue)
@@ -422,7 +424,7 @@ def test_a_newer_schema_than_the_code_is_refused(tmp_path):
     raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.commit()
     raw.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(WatcherError, match="newer"):
         Queue(path)
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1   # left alone

@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     wsub = s.add_subparsers(dest="wverb", required=True, metavar="ACTION")
     wl = wsub.add_parser("list")
     wl.add_argument("--json", action="store_true")
-    wf = wsub.add_parser("fetch")
+    wf = wsub.add_parser("fetch", help="the weights the config needs (or NAME…, or --all)")
     wf.add_argument("names", nargs="*")
+    wf.add_argument("--all", action="store_true", help="every weight in the manifest")
     wv = wsub.add_parser("verify")
     wv.add_argument("names", nargs="*")
     sub.add_parser("check-config", help="validate the config and the folders")
@@ -198,22 +199,29 @@ def cmd_retry(cfg, args) -> int:
 
 
 def cmd_enqueue(cfg, args) -> int:
+    import stat as stat_mod
     from .publish import sha256_file
-    inbox = cfg.folders.inbox.resolve()
+    inbox = cfg.folders.inbox
     items = []
     for p in args.paths:
-        path = Path(os.path.abspath(p))
-        try:
-            rel = path.relative_to(inbox)
-        except ValueError:
+        given = Path(os.path.normpath(os.path.abspath(p)))
+        for base in (inbox, inbox.resolve()):
             try:
-                rel = path.parent.resolve().relative_to(inbox) / path.name
+                rel = given.relative_to(base)
+                break
             except ValueError:
-                raise UsageError(f"{p} is not inside the inbox {inbox}") from None
-        if ".." in rel.parts or not rel.parts:
+                continue
+        else:
             raise UsageError(f"{p} is not inside the inbox {inbox}")
+        if not rel.parts:
+            raise UsageError(f"{p} is the inbox itself, not a file in it")
+        cur = inbox
+        for part in rel.parent.parts:      # symlinks in the inbox are never followed
+            cur = cur / part
+            if os.path.islink(cur):
+                raise UsageError(f"{p} runs through a symlink ({cur}); symlinks in the inbox are never followed")
+        path = inbox / rel
         st = os.lstat(path) if os.path.lexists(path) else None
-        import stat as stat_mod
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             raise UsageError(f"{p} is not a regular file")
         items.append((rel.as_posix(), path, st))
@@ -255,7 +263,7 @@ def cmd_weights(cfg, args) -> int:
             bar = bars[name] = tqdm(total=total or None, desc=name, unit="B", unit_scale=True, file=sys.stderr, leave=True)
         bar.update(done - bar.n)
 
-    names = args.names or _needed_weights(cfg)
+    names = args.names or (None if args.all else _needed_weights(cfg))
     rows = weights.fetch(cfg.weights_dir, names, progress=progress)
     for bar in bars.values():
         bar.close()
@@ -265,12 +273,16 @@ def cmd_weights(cfg, args) -> int:
     return EX_RUNTIME if bad else EX_OK
 
 
-def _needed_weights(cfg) -> list[str] | None:
-    from enhancer import weights
-    fn = getattr(weights, "needed_for", None)
-    if fn is None:
-        return None
-    return fn(cfg.enhancer_settings())
+def _needed_weights(cfg) -> list[str]:
+    """The manifest names every configured profile and hot folder needs (local .pth paths excluded)."""
+    s = cfg.enhancer_settings()
+    names: set[str] = set()
+    for profile, _ in s.needs:
+        if profile in ("faces", "full"):
+            names |= {s.face_model, s.detector_model, "parsenet"}
+        if profile in ("full", "upscale"):
+            names.add(s.background_model)
+    return sorted(n for n in names if not n.endswith(".pth"))
 
 
 def cmd_enhance(cfg, args) -> int:

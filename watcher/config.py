@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -249,8 +250,8 @@ def _hot_folders(ctx, key, v):
     out = []
     for name, over in v.items():
         sub = f"{key}.{name}"
-        clean = str(name).strip("/")
-        if not isinstance(name, str) or not clean or ".." in clean.split("/") or name.startswith("/"):
+        clean = posixpath.normpath(str(name)).strip("/")
+        if not isinstance(name, str) or clean in ("", ".") or ".." in clean.split("/") or name.startswith("/"):
             ctx.err(sub, "must be a relative sub-folder of the inbox")
             continue
         vals = _section(ctx, sub, over, _FOLDER_OVERRIDE, {"profile": None, "upscale": None})
@@ -358,12 +359,14 @@ def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
         for kb, b in named[i + 1:]:
             if ka == "state_dir" or kb == "state_dir":
                 other, okey = (b, kb) if ka == "state_dir" else (a, ka)
-                if okey == "inbox" and (_inside(state_dir, other) or _inside(other, state_dir)):
-                    ctx.err("state_dir", f"must not overlap folders.inbox ({other})")
+                if _inside(state_dir, other) or (okey == "inbox" and _inside(other, state_dir)):
+                    ctx.err("state_dir", f"must not overlap folders.{okey} ({other})")
                 continue
             if _inside(a, b) or _inside(b, a):
                 ctx.err(f"folders.{kb}", f"overlaps folders.{ka} ({a} and {b}); each folder must be separate,"
                         " or results would be picked up again")
+    if weights_dir and f.get("inbox") and _inside(weights_dir, f["inbox"]):
+        ctx.err("weights_dir", f"must not be inside folders.inbox ({f['inbox']})")
     for key, p in named + ([("weights_dir", weights_dir)] if weights_dir else []):
         bad = _blocked_parent(p)
         if bad:

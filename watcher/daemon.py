@@ -90,6 +90,7 @@ class ModelHolder:
         self.problem: str | None = "loading models"
         self.next_try = 0.0
         self.loading = False
+        self.tried = False          # one load attempt has ended (READY may be sent)
 
     def ensure(self, settings, now: float) -> None:
         if self.enhancer is not None and settings == self.settings:
@@ -102,21 +103,20 @@ class ModelHolder:
         try:
             new = self.factory(settings)
         except WeightsMissingError as exc:
-            self.settings, self.next_try = settings, now + WEIGHTS_RETRY_S
             reason = f"weights missing — run photoenhanced weights fetch ({exc})" if "weights fetch" not in str(exc) else str(exc)
             if self.problem != reason:
                 log.warning("models.weights_missing", reason=str(exc), missing=getattr(exc, "missing", []))
-            self.problem = reason
-            if self.enhancer is None:
-                return
-            return          # keep the old models on a reload whose new weights are missing
+            self.problem = reason   # a reload whose new weights are missing keeps the old models
+            self.settings, self.next_try = settings, now + WEIGHTS_RETRY_S
+            return
         except Exception as exc:
-            self.settings, self.next_try = settings, now + LOAD_ERROR_RETRY_S
             self.problem = f"models failed to load: {type(exc).__name__}: {exc}"
+            self.settings, self.next_try = settings, now + LOAD_ERROR_RETRY_S
             log.error("models.load_failed", error=str(exc), exc_info=True)
             return
         finally:
             self.loading = False
+            self.tried = True
         self.enhancer, self.settings, self.problem = new, settings, None
         log.info("models.ready", ms=round((time.perf_counter() - t) * 1000), **_describe(new))
 
@@ -257,8 +257,7 @@ class Daemon:
                 last_folders = now
                 self._check_folders()
             self._discover(queue, now)
-            if not self.ready_sent and (self.models.enhancer is not None or
-                                        (self.models.problem and not self.models.loading and self.models.next_try)):
+            if not self.ready_sent and self.models.tried:
                 self.ready_sent = True
                 text = self._status(queue, now)[1]
                 self.notifier.ready(text)

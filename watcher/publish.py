@@ -72,9 +72,16 @@ class Publisher:
     # --- naming -----------------------------------------------------------------------------
 
     def _below(self, root: Path, rel: str) -> Path:
+        """root/rel, refusing a path that escapes root or runs through a symlinked folder (the
+        inbox is untrusted: a link to elsewhere must never make us move files from there)."""
         target = Path(os.path.normpath(root / rel))
         if target == root or root not in target.parents:
             raise ValueError(f"{rel!r} escapes {root}")
+        cur = root
+        for part in target.relative_to(root).parent.parts:
+            cur = cur / part
+            if os.path.islink(cur):
+                raise ValueError(f"{rel!r} runs through a symlink ({cur})")
         return target
 
     @staticmethod
@@ -186,18 +193,27 @@ class Publisher:
             taken.add(dst)
             extra.append((comp, dst))
         sidecar["companions"] = [str(d) for _, d in extra]
-        tmp_res = self.write_tmp(self.outbox, result, f"job{job_id}-result", "outbox")
-        body = (json.dumps(sidecar, indent=2, sort_keys=False) + "\n").encode()
-        tmp_side = self.write_tmp(self.outbox, body, f"job{job_id}-sidecar", "outbox")
-        steps.append({"op": "place", "tmp": str(tmp_res), "dst": str(final), "folder": "outbox"})
-        for comp, dst in extra:
-            try:
-                data = _read_nofollow(comp)
-            except OSError as exc:
-                log.warning("publish.companion_unreadable", path=str(comp), error=exc.strerror)
-                continue
-            tmp = self.write_tmp(self.outbox, data, f"job{job_id}-xmp", "outbox")
-            steps.append({"op": "place", "tmp": str(tmp), "dst": str(dst), "folder": "outbox"})
+        written: list[Path] = []
+        try:
+            tmp_res = self.write_tmp(self.outbox, result, f"job{job_id}-result", "outbox")
+            written.append(tmp_res)
+            body = (json.dumps(sidecar, indent=2, sort_keys=False) + "\n").encode()
+            tmp_side = self.write_tmp(self.outbox, body, f"job{job_id}-sidecar", "outbox")
+            written.append(tmp_side)
+            steps.append({"op": "place", "tmp": str(tmp_res), "dst": str(final), "folder": "outbox"})
+            for comp, dst in extra:
+                try:
+                    data = _read_nofollow(comp)
+                except OSError as exc:
+                    log.warning("publish.companion_unreadable", path=str(comp), error=exc.strerror)
+                    continue
+                tmp = self.write_tmp(self.outbox, data, f"job{job_id}-xmp", "outbox")
+                written.append(tmp)
+                steps.append({"op": "place", "tmp": str(tmp), "dst": str(dst), "folder": "outbox"})
+        except BaseException:
+            for t in written:
+                _unlink_quiet(t)
+            raise
         steps.append({"op": "place", "tmp": str(tmp_side), "dst": str(final) + ".json", "folder": "outbox"})
         dest = self.archive if self.originals == "archive" else None
         steps += self._original_steps(src, rel, size, mtime_ns, dest, "archive", set(), job_id)
@@ -260,12 +276,17 @@ class Publisher:
         st = _lstat(src)
         same = st is not None and st.st_size == step["size"] and st.st_mtime_ns == step["mtime_ns"]
         if os.path.lexists(dst):
+            dst_st = os.lstat(dst)
+            ours = (dst_st.st_size, dst_st.st_mtime_ns) == (step["size"], step["mtime_ns"])
+            if not ours:
+                raise OSError(errno.EEXIST, "a different file took the planned name", str(dst))
             if same:
                 _unlink(src)
             _unlink_quiet(tmp)
             return
         if not same:
             if os.path.lexists(tmp) and _lstat(tmp).st_size == step["size"]:
+                dst.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_rename(tmp, dst)       # the copy was complete and fsynced before the crash
                 fsync_dir(dst.parent)
             else:

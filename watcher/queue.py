@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InvalidTransition, UnknownJob
+from .errors import InvalidTransition, UnknownJob, WatcherError
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 STATES = (PENDING, RUNNING, DONE, FAILED)
@@ -150,7 +150,7 @@ class Queue:
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(f"queue {self.path} has schema {version}, newer than this program ({SCHEMA_VERSION})")
+                raise WatcherError(f"queue {self.path} has schema {version}, newer than this program ({SCHEMA_VERSION})")
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for stmt in _MIGRATIONS[v].split(";"):
                     if stmt.strip():
