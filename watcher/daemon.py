@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+from collections import deque
 import os
 import signal
 import sys
@@ -148,6 +149,7 @@ class Daemon:
         self.worker: Worker | None = None
         self.metrics = None
         self.hooks = None
+        self._forgotten: deque[str] = deque()     # from the worker thread; drained by the main loop
 
     # --- signals: flags only ----------------------------------------------------------------
 
@@ -299,10 +301,11 @@ class Daemon:
     # --- pieces of the loop -------------------------------------------------------------------
 
     def _forget(self, rel: str) -> None:
-        if self.discovery is not None:
-            self.discovery.forget(rel)
+        self._forgotten.append(rel)      # Discovery is used from the main thread only
 
     def _discover(self, queue: Queue, now: float) -> None:
+        while self._forgotten:
+            self.discovery.forget(self._forgotten.popleft())
         try:
             found = self.discovery.poll(now)
         except Exception:
