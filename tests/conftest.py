@@ -58,9 +58,8 @@ class DaemonProc:
     def __init__(self, config: Path, env: dict | None = None):
         self.config = config
         self.log = config.parent / f"daemon-{time.monotonic_ns()}.log"
-        e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        e.pop("NOTIFY_SOCKET", None)
-        e.pop("JOURNAL_STREAM", None)
+        e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
+        e.update({"PYTHONPATH": str(ROOT), **(env or {})})
         self.proc = subprocess.Popen([PY, str(ROOT / "tests" / "run_daemon.py"), "--config", str(config),
                                       "--log-format", "json", "run"],
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=e,
