@@ -258,24 +258,34 @@ def test_stop_drains_within_the_timeout(box: Container):
     s = box.show(UNIT, "ActiveState", "Result", "ExecMainStatus", "TimeoutStopUSec")
     assert s["ActiveState"] == "inactive" and s["Result"] == "success" and s["ExecMainStatus"] == "0", s
     assert took < 30
-    names = [e["event"] for e in events_of(box, pid)]
+    evs = events_of(box, pid)
+    names = [e["event"] for e in evs]
     assert "daemon.stopping" in names and "daemon.stopped" in names
     st = json.loads(box.run(PE, "--config", CONF, "status", "--json").stdout)
-    assert st["counts"]["running"] == 0 and not st["daemon"]["running"]
+    assert not st["daemon"]["running"]
+    if "daemon.stop_timeout" in names:
+        # The photo did not finish within jobs.stop_timeout: the daemon left it for the next start.
+        TIMINGS["stop_drain"] = "stop_timeout"
+        assert st["counts"]["running"] <= 1
+    else:
+        TIMINGS["stop_drain"] = "finished"
+        assert st["counts"]["running"] == 0
+        assert any(e["event"] == "job.done" and e.get("path") == "s.png" for e in evs)
     box.run("systemctl", "start", UNIT, timeout=300)
     wait_done(box, "s.png")                 # finished before the stop, or requeued and done now
+    st = json.loads(box.run(PE, "--config", CONF, "status", "--json").stdout)
+    assert st["counts"]["running"] == 0 and st["daemon"]["running"]
 
 
 def test_a_bad_config_at_start_exits_78_without_a_restart_loop(box: Container):
     box.run("systemctl", "stop", UNIT, timeout=120)
-    restarts = int(box.show(UNIT, "NRestarts")["NRestarts"])
     box.write(CONF, config(2).replace("profile: upscale", "profile: upscal"), mode="0640", owner="root:photoenhanced")
     res = box.run("systemctl", "start", UNIT, check=False, timeout=300)
     assert res.returncode != 0
     time.sleep(7)                           # > RestartSec=5: a restart would have happened by now
     s = box.show(UNIT, "ActiveState", "ExecMainStatus", "NRestarts", "Result")
     assert s["ActiveState"] == "failed" and s["ExecMainStatus"] == "78", s
-    assert int(s["NRestarts"]) == restarts
+    assert int(s["NRestarts"]) == 0         # counted since this (manual) start: no automatic restart
     err = [e for e in events_of(box) if e["event"] == "config.invalid"]
     assert err and err[-1]["_priority"] == 3
     box.write(CONF, config(2), mode="0640", owner="root:photoenhanced")
