@@ -226,7 +226,7 @@ def test_kill_9_restarts_and_loses_nothing(box: Container):
 
 
 def test_a_stuck_worker_is_restarted_by_the_watchdog(box: Container):
-    box.write("/etc/systemd/system/photoenhanced.service.d/50-test-watchdog.conf", "[Service]\nWatchdogSec=5\n")
+    box.write("/etc/systemd/system/photoenhanced.service.d/50-test-watchdog.conf", "[Service]\nWatchdogSec=5\nTimeoutAbortSec=2\nRestartSec=1\n")
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "restart", UNIT, timeout=300)
     pid = main_pid(box)
