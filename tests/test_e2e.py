@@ -140,6 +140,8 @@ def test_sigterm_during_a_long_image_requeues_it_and_restart_finishes(tmp_path, 
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - t < 4.5          # did not wait for the 5 s image
     assert (tmp_path / "inbox" / "slow.jpg").exists()
+    assert json.loads(cli(cfg, "list", "--json").stdout)[0]["state"] == "pending"
+    assert any(e.get("event") == "daemon.stop_timeout" and e.get("requeued") for e in d.events())
     d2 = daemon_factory(cfg)
     wait_for((tmp_path / "outbox" / "slow.jpg.json").exists, 30, what="finished after restart")
     assert d2.stop() == 0

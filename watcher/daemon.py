@@ -290,8 +290,17 @@ class Daemon:
             self.hooks.close(2.0)
         queue.set_daemon(os.getpid(), "stopped", None, None)
         if thread.is_alive():
-            log.warning("daemon.stop_timeout", job=current and current.get("job"),
-                        timeout_s=self.cfg.jobs.stop_timeout, note="the job is pending again at the next start")
+            cur = self.worker.current
+            requeued = False
+            if cur is not None and cur.get("stage") != "publish":
+                # mid-inference: back to pending now (a publish in flight is left to recovery)
+                try:
+                    queue.requeue(cur["job"])
+                    requeued = True
+                except Exception as exc:  # the worker moved on meanwhile; recovery handles it
+                    log.warning("daemon.requeue_failed", job=cur.get("job"), error=str(exc))
+            log.warning("daemon.stop_timeout", job=cur and cur.get("job"), timeout_s=self.cfg.jobs.stop_timeout,
+                        requeued=requeued)
             log.info("daemon.stopped", code=0)
             sys.stdout.flush()
             os._exit(EX_OK)     # the worker is mid-inference; its job is `running` → pending on restart
