@@ -296,7 +296,10 @@ class Discovery:
         self._next_quick = self._next_full = None
         self._overflow_handler = _OverflowSignal(self._sink)
         for name in _WATCHDOG_LOGGERS:
-            logging.getLogger(name).addHandler(self._overflow_handler)
+            wlog = logging.getLogger(name)
+            if wlog.level == logging.NOTSET:
+                wlog.setLevel(logging.WARNING)  # so a quieter root logger cannot hide an overflow
+            wlog.addHandler(self._overflow_handler)
         if self.inbox.is_dir():
             self._start_observer()
         log.info("discover.started", inbox=str(self.inbox), mode=self.effective_mode,
