@@ -111,6 +111,13 @@ def test_forget_lets_a_new_file_at_the_same_path_be_reported(tmp_path):
     write(p, b"second one")
     got = drain(d, 7, 12)
     assert [(c.rel, c.size) for c in got] == [("sub/same.jpg", 10)]
+    # Moved away and a new one dropped at once, before the folder is listed again (the new file
+    # may even get the old inode number back): forget() alone makes it new to discovery.
+    os.rename(p, tmp_path / "elsewhere.jpg.tmp")
+    write(p, b"third version")
+    d.forget("sub/same.jpg")
+    got = drain(d, 12.5, 16)
+    assert [(c.rel, c.size) for c in got] == [("sub/same.jpg", 13)]
 
 
 # ------------------------------------------------------------------ what is a candidate
@@ -227,10 +234,14 @@ def test_quick_scan_skips_unchanged_folders_but_sees_new_files(tmp_path):
     os.rename(write(tmp_path / "d1" / "up.jpg.part"), tmp_path / "d1" / "up.jpg")
     d.poll(now=5)
     assert d.last_scan["listed"] == 2
+    assert d.last_scan["stated"] == 2  # in a changed folder only new names (or new inodes) are stat'd
     assert sorted(rels(drain(d, 6, 8))) == ["d1/up.jpg", "d3/new.jpg"]
+    # A new file renamed over a name already reported (a new inode) is a new candidate.
+    os.replace(write(tmp_path / "d0" / "f5.jpg.part", b"replacement"), tmp_path / "d0" / "f5.jpg")
+    assert [(c.rel, c.size) for c in drain(d, 8.5, 10.5)] == [("d0/f5.jpg", 11)]
     (tmp_path / "d4" / "f0.jpg").unlink()
     (tmp_path / "d2").rename(tmp_path / "d2-renamed")
-    got = drain(d, 9, 12)
+    got = drain(d, 11, 14)
     assert sorted(rels(got)) == [f"d2-renamed/f{j}.jpg" for j in sorted(range(20), key=str)]
 
 

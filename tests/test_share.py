@@ -162,3 +162,27 @@ def test_publish_steps_through_the_mount(inbox):
     # Deleting through the mount (archive/delete of the original) reaches the server.
     (out / "a" / "b" / "IMG_1.jpg").unlink()
     assert not server.exists()
+
+
+def test_same_name_again_after_forget_on_the_share(inbox, tmp_path):
+    """smbnetfs gives every entry the same inode number: a photo moved away and a new one put at
+    the same name before the next listing is still found, once the daemon has forgotten the old."""
+    rig, name = inbox
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(1000))
+    second.write_bytes(os.urandom(2000))
+    d = Discovery(rig.mount_dir / name, Watch(settle_seconds=1.0, poll_interval=0.5))
+    rig.put(first, f"{name}/IMG.jpg")
+    got, end = [], time.monotonic() + 10
+    while time.monotonic() < end and not got:
+        got += d.poll()
+        time.sleep(0.1)
+    assert [(c.rel, c.size) for c in got] == [("IMG.jpg", 1000)]
+    rig.rename(f"{name}/IMG.jpg", "archived.jpg")  # the daemon archives it ...
+    rig.put(second, f"{name}/IMG.jpg")  # ... and the scanner saves the next page with that name
+    d.forget("IMG.jpg")
+    got, end = [], time.monotonic() + 10
+    while time.monotonic() < end and not got:
+        got += d.poll()
+        time.sleep(0.1)
+    assert [(c.rel, c.size) for c in got] == [("IMG.jpg", 2000)]

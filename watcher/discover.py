@@ -4,15 +4,22 @@ Events (inotify on local disks) only say "look at this path again"; the truth al
 from ``lstat``. A scan of the tree runs at start-up, every ``rescan_interval`` (catches what
 events missed: inotify overflow, downtime) and, in ``poll`` mode, every ``poll_interval``.
 
-Poll cost on big trees: a *quick* scan (poll mode, every ``poll_interval``) stats every
-directory but lists a directory (``scandir`` + one ``lstat`` per entry) only when its mtime
-changed since it was last listed, or when that listing is not yet *trusted* (see ``_Dir``).
-Creating, renaming or deleting a file changes its directory's mtime on local file systems,
-NFS and SMB, so new files and files renamed into place (``x.part`` → ``x.jpg``) are found by
-the quick scan. An in-place rewrite of a file that was already reported (same name, opened
-with O_TRUNC) does not change the directory's mtime: the quick scan does not see it; the
-*full* scan (every ``rescan_interval``, also in poll mode) stats every file and does. Files
-that are still settling are re-stat'd on every settle check whatever their directory does.
+Poll cost on big trees (scripts/bench-poll measures it):
+* A *quick* scan (poll mode, every ``poll_interval``) stats every directory but lists a
+  directory only when its mtime changed since it was last listed, or when that listing is not
+  yet *trusted* (see ``_Dir``; never on FUSE file systems, which may report a constant directory
+  mtime — smbnetfs does). Creating, renaming or deleting a file changes its directory's mtime on
+  local file systems, NFS and SMB, so new files and files renamed into place
+  (``x.part`` → ``x.jpg``) are found by the quick scan.
+* In a listed directory an entry whose name and inode number (``d_ino``, free from readdir) are
+  the same as at the previous listing is the same file: it is not stat'd again. A file renamed
+  over an existing name has a new inode and is stat'd.
+* Files that are still settling are re-stat'd on every settle check whatever their directory does.
+* Not seen by a quick scan: a file already reported and then rewritten *in place* (same name,
+  same inode, O_TRUNC) — the directory's mtime does not change; also a name deleted and
+  re-created between two quick scans when the file system reuses the inode number. The *full*
+  scan (at start-up and every ``rescan_interval``, also in poll mode) stats every file and
+  reports such a file again once it settles. In events mode inotify reports both at once.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -84,7 +92,7 @@ class _Dir:
     listed_at: float  # when we first listed it with this mtime
     trusted: bool  # listed again >= DIR_TRUST_MARGIN later with the same mtime
     subdirs: tuple[str, ...]
-    files: frozenset[str]  # names of the non-directory entries that are not ignored
+    files: dict[str, int]  # non-directory entries that are not ignored: name → inode (d_ino)
 
 
 # --------------------------------------------------------------------------- file systems
@@ -151,24 +159,29 @@ def resolve_mode(mode: str, inbox: Path) -> tuple[str, str | None]:
 class IgnoreRules:
     """Built-in junk patterns (case-insensitive) + the user's ``watch.ignore`` (case-sensitive).
     A pattern without '/' is matched against every path component; one with '/' against the
-    whole relative path."""
+    whole relative path. The patterns are compiled into one regex each way (a scan checks every
+    name)."""
 
     def __init__(self, extra: Iterable[str] = ()):
-        self._builtin = tuple(p.lower() for p in ALWAYS_IGNORED) + (TEMP_DIR_NAME,)
         extra = tuple(extra)
-        self._extra_name = tuple(p for p in extra if "/" not in p)
-        self._extra_path = tuple(p.strip("/") for p in extra if "/" in p)
+        builtin = "|".join(fnmatch.translate(p) for p in (*ALWAYS_IGNORED, TEMP_DIR_NAME))
+        self._builtin = re.compile(builtin, re.IGNORECASE)
+        names = [p for p in extra if "/" not in p]
+        paths = [p.strip("/") for p in extra if "/" in p]
+        self._extra_name = re.compile("|".join(fnmatch.translate(p) for p in names)) if names else None
+        self._extra_path = re.compile("|".join(fnmatch.translate(p) for p in paths)) if paths else None
 
     def name_ignored(self, name: str) -> bool:
-        low = name.lower()
-        if any(fnmatch.fnmatchcase(low, p) for p in self._builtin):
+        if self._builtin.match(name):
             return True
-        return any(fnmatch.fnmatchcase(name, p) for p in self._extra_name)
+        return self._extra_name is not None and self._extra_name.match(name) is not None
+
+    def path_ignored(self, rel: str) -> bool:
+        """Only the patterns with a '/' (the components are checked one by one by the scan)."""
+        return self._extra_path is not None and self._extra_path.match(rel) is not None
 
     def ignored(self, rel: str) -> bool:
-        if any(self.name_ignored(part) for part in rel.split("/")):
-            return True
-        return any(fnmatch.fnmatchcase(rel, p) for p in self._extra_path)
+        return any(self.name_ignored(part) for part in rel.split("/")) or self.path_ignored(rel)
 
 
 def _extension(name: str) -> str:
@@ -339,9 +352,15 @@ class Discovery:
 
     # ----------------------------------------------------------------- public
     def forget(self, rel: str) -> None:
+        """Drop what we remember of rel: a file at that path is new to us from now on (even if
+        it arrives before the next listing of its folder and its inode number looks the same)."""
         self._reported.pop(rel, None)
         self._settle.pop(rel, None)
         self._noted.pop(rel, None)
+        drel, _, name = rel.rpartition("/")
+        folder = self._dirs.get(drel)
+        if folder is not None:
+            folder.files.pop(name, None)
 
     @property
     def settling(self) -> int:
@@ -439,18 +458,23 @@ class Discovery:
         real = os.path.join(self._root_real, drel) if drel else self._root_real
         return any(real == ex or real.startswith(ex + "/") for ex in self._exclude)
 
-    def _parents_are_dirs(self, rel: str) -> bool:
-        """Every folder between the inbox and rel is a real folder (no symlink on the way)."""
-        parts = rel.split("/")[:-1]
-        cur = str(self.inbox)
-        for part in parts:
-            cur = os.path.join(cur, part)
+    def _parents_are_dirs(self, rel: str, memo: dict[str, bool] | None = None) -> bool:
+        """Every folder between the inbox and rel is a real folder (no symlink on the way).
+        ``memo`` caches the answer per folder within one pass."""
+        parent = rel.rpartition("/")[0]
+        if not parent:
+            return True
+        if memo is not None and parent in memo:
+            return memo[parent]
+        ok = self._parents_are_dirs(parent, memo)
+        if ok:
             try:
-                if not stat.S_ISDIR(os.lstat(cur).st_mode):
-                    return False
+                ok = stat.S_ISDIR(os.lstat(os.path.join(self.inbox, parent)).st_mode)
             except OSError:
-                return False
-        return True
+                ok = False
+        if memo is not None:
+            memo[parent] = ok
+        return ok
 
     # ----------------------------------------------------------------- one path
     def _look(self, rel: str, now: float) -> None:
@@ -556,7 +580,7 @@ class Discovery:
             dirs += 1
             state = self._dirs.get(drel)
             if full or state is None or state.mtime_ns != st.st_mtime_ns or not state.trusted:
-                state, n = self._list(drel, dpath, st, now, state)
+                state, n = self._list(drel, dpath, st, now, state, full)
                 if state is None:
                     continue
                 listed += 1
@@ -574,9 +598,13 @@ class Discovery:
             log.warning("discover.unreadable", path=drel or ".", error=str(exc))
 
     def _list(self, drel: str, dpath: str, st: os.stat_result, now: float,
-              old: _Dir | None) -> tuple[_Dir | None, int]:
+              old: _Dir | None, full: bool) -> tuple[_Dir | None, int]:
+        """List one folder. A full scan stats every entry; otherwise an entry whose name and
+        inode number (free from readdir) are as at the last listing is the same file and is not
+        stat'd again (files still settling always are)."""
         subdirs: list[str] = []
-        files: set[str] = set()
+        files: dict[str, int] = {}
+        old_files = old.files if old is not None and not full else {}
         stated = 0
         try:
             with os.scandir(dpath) as it:
@@ -599,17 +627,23 @@ class Discovery:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
+            if self.rules.path_ignored(rel):  # the folders above were checked on the way down
+                continue
             if is_dir:
-                if not self._excluded(rel) and not self.rules.ignored(rel):
+                if not self._excluded(rel):
                     subdirs.append(name)
                 continue
-            if self.rules.ignored(rel):
+            try:
+                ino = entry.inode()
+            except OSError:
+                ino = 0
+            files[name] = ino
+            if ino and old_files.get(name) == ino and rel not in self._settle:
                 continue
-            files.add(name)
             try:
                 est = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
-                files.discard(name)
+                del files[name]
                 self._vanished(rel)
                 continue
             except OSError as exc:
@@ -618,15 +652,15 @@ class Discovery:
             stated += 1
             self._classify(rel, est, now)
         if old is not None:
-            for name in old.files - files:
+            for name in old.files.keys() - files.keys():
                 self._vanished(_join(drel, name))
             for name in set(old.subdirs) - set(subdirs):
                 self._drop_tree(_join(drel, name))
         if old is None or old.mtime_ns != st.st_mtime_ns:
-            new = _Dir(st.st_mtime_ns, now, False, tuple(subdirs), frozenset(files))
+            new = _Dir(st.st_mtime_ns, now, False, tuple(subdirs), files)
         else:
             trusted = self._trust_dir_mtime and (old.trusted or now - old.listed_at >= DIR_TRUST_MARGIN)
-            new = _Dir(st.st_mtime_ns, old.listed_at, trusted, tuple(subdirs), frozenset(files))
+            new = _Dir(st.st_mtime_ns, old.listed_at, trusted, tuple(subdirs), files)
         self._dirs[drel] = new
         return new, stated
 
@@ -634,6 +668,7 @@ class Discovery:
     def _settled(self, now: float) -> list[Candidate]:
         settle = float(self.watch.settle_seconds)
         out: list[Candidate] = []
+        memo: dict[str, bool] = {}
         for rel, ent in list(self._settle.items()):
             if now - ent.since < settle:
                 continue
@@ -649,7 +684,7 @@ class Discovery:
             if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (ent.size, ent.mtime_ns):
                 self._classify(rel, st, now)  # changed: settles again from now (or refused)
                 continue
-            if not self._parents_are_dirs(rel):
+            if not self._parents_are_dirs(rel, memo):
                 self._vanished(rel)
                 continue
             del self._settle[rel]
