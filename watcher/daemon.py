@@ -168,21 +168,16 @@ class Daemon:
         log.info("discover.started", inbox=str(cfg.folders.inbox), mode=d.effective_mode)
         return d
 
-    def _make_extras(self, cfg: Config) -> None:
-        try:
-            from .metrics import Metrics
-            self.metrics = self.metrics or Metrics()
-        except ImportError:
-            self.metrics = None
-        try:
-            from .hooks import Hooks
-            if self.hooks is not None:
-                self.hooks.close(1.0)
-            h = cfg.hooks
-            self.hooks = Hooks(h.on_done, h.on_failed, timeout=h.timeout, retries=h.retries) \
-                if (h.on_done or h.on_failed) else None
-        except ImportError:
-            self.hooks = None
+    def _make_extras(self, cfg: Config, previous_metrics: dict | None = None) -> None:
+        from .hooks import Hooks
+        from .metrics import Metrics
+        if self.metrics is None:      # totals survive restarts: restored from the last snapshot
+            self.metrics = Metrics(snapshot=previous_metrics)
+        if self.hooks is not None:
+            self.hooks.close(1.0)
+        h = cfg.hooks
+        self.hooks = Hooks(h.on_done, h.on_failed, timeout=h.timeout, retries=h.retries) \
+            if (h.on_done or h.on_failed) else None
 
     # --- the worker thread ------------------------------------------------------------------
 
@@ -239,7 +234,7 @@ class Daemon:
         self.folder_issues = config_mod.folder_problems(cfg)
         for name, reason in self.folder_issues.items():
             log.warning("folders.problem", folder=name, reason=reason)
-        self._make_extras(cfg)
+        self._make_extras(cfg, (queue.daemon() or {}).get("metrics"))
         self.worker = Worker(cfg, queue, hooks=self.hooks, metrics=self.metrics,
                              progress=self.notifier.watchdog, on_forget=self._forget)
         if "outbox" not in self.folder_issues and "failed" not in self.folder_issues:

@@ -275,7 +275,8 @@ class Worker:
             self.metrics.success(time.time())
         log.info("job.done", job=job.id, path=job.rel_path, output=out["path"], faces=faces,
                  ms=round(timings["total"]), duplicate_of=duplicate_of)
-        self._fire("done", sidecar, {"input": job.rel_path, "output": out["path"], "sidecar": plan["sidecar"]})
+        self._fire("done", sidecar, {"input": str(self.cfg.folders.inbox / job.rel_path), "output": out["path"],
+                                     "sidecar": plan["sidecar"]})
         return Outcome(job.id, job.rel_path, "done", sidecar=sidecar, timings_ms=timings)
 
     def _fail(self, job: Job, kind: str, message: str, attempts: int) -> Outcome:
@@ -288,7 +289,8 @@ class Worker:
         self.publisher.execute(plan)
         self.queue.fail(job.id, kind, message, outputs=[{"path": plan["outputs"][0]}], attempts=attempts)
         log.error("job.failed", job=job.id, path=job.rel_path, kind=kind, error=message, attempts=attempts)
-        self._fire("failed", sidecar, {"input": job.rel_path, "output": plan["outputs"][0], "sidecar": plan["sidecar"]})
+        self._fire("failed", sidecar, {"input": str(self.cfg.folders.inbox / job.rel_path),
+                                       "output": plan["outputs"][0], "sidecar": plan["sidecar"]})
         return Outcome(job.id, job.rel_path, "failed", message, sidecar=sidecar)
 
     def complete_plan(self, job: Job, recovering: bool = False) -> Outcome:
