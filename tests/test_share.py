@@ -154,7 +154,7 @@ def test_publish_steps_through_the_mount(inbox):
     # A name already taken is detected before the rename (publish never overwrites).
     with pytest.raises(FileExistsError):
         os.open(out / "a" / "b" / "IMG_1.jpg", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    end = time.monotonic() + 5
+    end = time.monotonic() + 3
     while time.monotonic() < end:
         seen += d.poll()
         time.sleep(0.1)
