@@ -357,3 +357,52 @@ def test_auto_mode_on_this_machine(tmp_path):
     assert resolve_mode("poll", tmp_path)[0] == "poll"
     with pytest.raises(ValueError):
         resolve_mode("sometimes", tmp_path)
+
+
+UNPRIVILEGED = r"""
+import json, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from structlog.testing import capture_logs
+from watcher.discover import Discovery
+
+@dataclass(frozen=True)
+class Watch:
+    mode: str = "poll"; poll_interval: float = 1.0; settle_seconds: float = 1.0
+    rescan_interval: float = 2.0; recursive: bool = True; ignore: tuple = ()
+
+d = Discovery(Path(sys.argv[1]), Watch())
+got = []
+with capture_logs() as logs:
+    for t in range(8):
+        got += [c.rel for c in d.poll(now=float(t))]
+print(json.dumps({"got": got, "events": [[e["event"], e.get("path")] for e in logs
+                                          if e["log_level"] == "warning"]}))
+"""
+
+
+def test_unreadable_subfolder_is_logged_once_and_skipped(tmp_path):
+    """EACCES on a sub-folder. Root ignores modes, so the scan runs in a process without
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (setpriv drops them from the bounding set)."""
+    import json
+    import shutil
+    import sys
+
+    write(tmp_path / "ok" / "IMG_1.jpg")
+    write(tmp_path / "locked" / "IMG_2.jpg")
+    (tmp_path / "locked").chmod(0o000)
+    cmd = [sys.executable, "-c", UNPRIVILEGED, str(tmp_path)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) is needed to drop root's file-permission override")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *cmd]
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        res = subprocess.run(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["got"] == ["ok/IMG_1.jpg"]
+    assert out["events"] == [["discover.unreadable", "locked"]]  # once, despite the rescans
