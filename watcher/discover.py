@@ -296,6 +296,8 @@ class Discovery:
         self._next_quick: float | None = None  # due at once
         self._next_full: float | None = None
         self.last_scan: dict[str, Any] = {}
+        self._forget_lock = threading.Lock()
+        self._to_forget: list[str] = []
 
     # ----------------------------------------------------------------- lifecycle
     def _resolve(self) -> None:
@@ -353,7 +355,12 @@ class Discovery:
     # ----------------------------------------------------------------- public
     def forget(self, rel: str) -> None:
         """Drop what we remember of rel: a file at that path is new to us from now on (even if
-        it arrives before the next listing of its folder and its inode number looks the same)."""
+        it arrives before the next listing of its folder and its inode number looks the same).
+        Safe from any thread: it takes effect at the start of the next poll()."""
+        with self._forget_lock:
+            self._to_forget.append(rel)
+
+    def _forget_now(self, rel: str) -> None:
         self._reported.pop(rel, None)
         self._settle.pop(rel, None)
         self._noted.pop(rel, None)
@@ -370,6 +377,10 @@ class Discovery:
         """Settled candidates since the last call. ``now``: monotonic seconds (any clock, used
         consistently). Never raises for file-system races."""
         now = time.monotonic() if now is None else now
+        with self._forget_lock:
+            forgotten, self._to_forget = self._to_forget, []
+        for rel in forgotten:
+            self._forget_now(rel)
         if not self._check_inbox(now):
             return []
         if self.effective_mode == "events" and self._started:
