@@ -397,7 +397,7 @@ class Discovery:
             self._next_full = None
         for tree in trees:
             rel = self._rel(tree)
-            if rel is not None:
+            if rel is not None and not self._excluded(rel):
                 self._scan(now, full=True, top=rel)
         for path in paths:
             rel = self._rel(path)
