@@ -164,8 +164,7 @@ class Daemon:
         from .discover import Discovery
         exclude = [p for p in (cfg.folders.outbox, cfg.folders.failed, cfg.folders.archive, cfg.state_dir) if p]
         d = Discovery(cfg.folders.inbox, cfg.watch, exclude=exclude)
-        d.start()
-        log.info("discover.started", inbox=str(cfg.folders.inbox), mode=d.effective_mode)
+        d.start()           # logs discover.started with the mode it resolved
         return d
 
     def _make_extras(self, cfg: Config, previous_metrics: dict | None = None) -> None:
