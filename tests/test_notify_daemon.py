@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 
 from conftest import make_jpeg, wait_for, write_config
 

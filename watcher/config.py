@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 

@@ -10,12 +10,13 @@ start from the snapshot given to ``Metrics(snapshot=...)``, so they survive daem
 from __future__ import annotations
 
 import bisect
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from .publish import atomic_write
 
 log = structlog.get_logger(__name__)
 
@@ -152,24 +153,4 @@ class Metrics:
     def write_textfile(self, path: Path, counts: dict[str, int], backoffs: int, hooks: dict[str, int]) -> None:
         """Write the textfile atomically: a temp file in the same folder (a name node_exporter
         does not read), fsync, rename over ``path``, fsync the folder."""
-        path = Path(path)
-        text = self.render(counts, backoffs, hooks).encode("utf-8")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(text)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(Path(path), self.render(counts, backoffs, hooks).encode("utf-8"))

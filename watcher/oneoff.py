@@ -15,7 +15,7 @@ from enhancer import imageio
 from enhancer.errors import EnhanceError, WeightsMissingError
 from .config import Config
 from .discover import READ_EXTENSIONS
-from .publish import Publisher, fsync_dir, sha256_file
+from .publish import Publisher, atomic_write, sha256_file
 from .worker import _DecodeFailed, prepare, render, versions, _iso
 
 log = structlog.get_logger(__name__)
@@ -36,13 +36,7 @@ def _inputs(src: Path) -> list[tuple[Path, str]]:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.photoenhanced-tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, data)
 
 
 def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscale: float | None,
