@@ -418,6 +418,7 @@ def test_link_then_crash_in_an_archive_move_completes(dirs):
     pub.execute(plan)
     pub.clean_tmp()
     _assert_done_once(dirs)
+    assert not (dirs.inbox / "r" / "IMG.jpg").exists()
 
 
 @pytest.mark.parametrize("state", ["partial_copy", "full_copy", "copy_linked", "copy_linked_src_gone"])
@@ -459,6 +460,7 @@ def test_original_copy_complete_but_source_gone_is_still_archived(dirs):
     pub.execute(plan)
     pub.clean_tmp()
     _assert_done_once(dirs, xmp=False)
+    assert (dirs.archive / "r" / "IMG.jpg").read_bytes() == ORIG
 
 
 def test_a_plan_whose_first_temp_file_vanished_is_broken(dirs):

@@ -18,6 +18,7 @@ from enhancer.api import EnhancerFactory
 from enhancer.errors import WeightsMissingError
 from . import config as config_mod
 from . import logs
+from .logs import say
 from .config import Config
 from .errors import ConfigError, LockedError
 from .notify import Notifier
@@ -216,7 +217,7 @@ class Daemon:
             lock.acquire()
         except LockedError as exc:
             log.error("daemon.locked", reason=str(exc))
-            print(f"photoenhanced: {exc}", file=sys.stderr)
+            say(f"photoenhanced: {exc}")
             return EX_RUNTIME
         self.install_signals()
         queue = Queue(cfg.queue_path)
@@ -422,7 +423,7 @@ def run(config_path: Path, log_format: str | None = None,
         cfg = config_mod.load(config_path)
     except ConfigError as exc:
         log.error("config.invalid", path=str(config_path), problems=exc.problems)
-        print(f"photoenhanced: bad config {exc}", file=sys.stderr)
+        say(f"photoenhanced: bad config {exc}")
         notifier.send(f"STATUS=bad config: {'; '.join(exc.problems)[:400]}")
         return EX_CONFIG
     logs.configure(log_format or cfg.log.format, cfg.log.level)
@@ -430,11 +431,11 @@ def run(config_path: Path, log_format: str | None = None,
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror)
-        print(f"photoenhanced: state_dir {cfg.state_dir} cannot be created: {exc.strerror}", file=sys.stderr)
+        say(f"photoenhanced: state_dir {cfg.state_dir} cannot be created: {exc.strerror}")
         return EX_CONFIG
     if not os.access(cfg.state_dir, os.W_OK):
         log.error("state_dir.unusable", path=str(cfg.state_dir), error="not writable")
-        print(f"photoenhanced: state_dir {cfg.state_dir} is not writable", file=sys.stderr)
+        say(f"photoenhanced: state_dir {cfg.state_dir} is not writable")
         return EX_CONFIG
     return Daemon(cfg, enhancer_factory or default_factory, notifier, Path(config_path), log_format).run()
 

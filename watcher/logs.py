@@ -14,6 +14,12 @@ _PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4,
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def say(message: str) -> None:
+    """One line for the person at the terminal (stderr), besides the log event."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def under_journald(stream: TextIO, environ=os.environ) -> bool:
     js = environ.get("JOURNAL_STREAM", "")
     if not js:

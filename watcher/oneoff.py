@@ -14,6 +14,7 @@ import structlog
 from enhancer import imageio
 from enhancer.errors import EnhanceError, WeightsMissingError
 from .config import Config
+from .logs import say
 from .discover import READ_EXTENSIONS
 from .publish import Publisher, atomic_write, sha256_file
 from .worker import _DecodeFailed, prepare, render, versions, _iso
@@ -42,11 +43,11 @@ def _write(path: Path, data: bytes) -> None:
 def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscale: float | None,
                   factory=None) -> int:
     if not src.exists():
-        print(f"photoenhanced: {src} does not exist", file=sys.stderr)
+        say(f"photoenhanced: {src} does not exist")
         return 2
     items = _inputs(src)
     if not items:
-        print(f"photoenhanced: no photos in {src}", file=sys.stderr)
+        say(f"photoenhanced: no photos in {src}")
         return 1
     enh_cfg = replace(cfg.enhance, profile=profile or cfg.enhance.profile, upscale=upscale or cfg.enhance.upscale,
                       folders=())
@@ -56,7 +57,7 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
     try:
         enhancer = factory(cfg.enhancer_settings())
     except WeightsMissingError as exc:
-        print(f"photoenhanced: {exc}", file=sys.stderr)
+        say(f"photoenhanced: {exc}")
         return 1
     limits = imageio.Limits(max_input_megapixels=cfg.enhance.max_input_megapixels,
                             max_output_megapixels=cfg.enhance.max_output_megapixels)
@@ -73,7 +74,7 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
         except (_DecodeFailed, EnhanceError) as exc:
             err = exc.__cause__ if isinstance(exc, _DecodeFailed) else exc
             failures += 1
-            print(f"photoenhanced: {rel}: {getattr(err, 'kind', 'internal')}: {err}", file=sys.stderr)
+            say(f"photoenhanced: {rel}: {getattr(err, 'kind', 'internal')}: {err}")
             continue
         if single and not (dst.is_dir() or str(dst).endswith(os.sep)):
             out = dst

@@ -349,7 +349,7 @@ def _unlink_quiet(p: Path) -> None:
     try:
         os.unlink(p)
     except FileNotFoundError:
-        pass
+        return                      # already gone: what we wanted
     except OSError as exc:
         log.warning("publish.unlink_failed", path=str(p), error=exc.strerror)
 
