@@ -262,13 +262,12 @@ class Daemon:
                 self.notifier.extend_timeout(30)
             if self.worker.current is None:
                 self.notifier.watchdog()        # during a job the worker pings, per step and per tile
-            if now - last_status >= STATUS_EVERY_S or self.worker.current is not None:
-                state, text, reason = self._status(queue, now)
-                if text != status_text or now - last_status >= STATUS_EVERY_S:
-                    self.notifier.status(text)
-                    metrics = self._write_metrics(queue, now)
-                    queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
-                    status_text, last_status = text, now
+            state, text, reason = self._status(queue, now)     # written at once when it changes
+            if text != status_text or now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(text)
+                metrics = self._write_metrics(queue, now)
+                queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
+                status_text, last_status = text, now
             self.stop.wait(LOOP_S)
         return self._shutdown(queue, thread)
 
