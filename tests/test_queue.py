@@ -429,3 +429,23 @@ def test_a_newer_schema_than_the_code_is_refused(tmp_path):
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1   # left alone
     raw.close()
+
+
+def test_a_version_1_queue_is_migrated_in_place_and_keeps_its_jobs(tmp_path):
+    from watcher import queue as qmod
+    path = tmp_path / "old.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.executescript(qmod._MIGRATIONS[1])
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO jobs (rel_path, size, mtime_ns, sha256, state, created, updated, finished)"
+                " VALUES ('a.jpg', 1, 1, 'x', 'done', 1, 1, 5)")
+    raw.commit()
+    raw.close()
+    q = Queue(path)
+    try:
+        assert q.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert [j.rel_path for j in q.jobs(DONE)] == ["a.jpg"] and q.done_since(4) == 1
+        names = {r[0] for r in q.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "jobs_finished" in names
+    finally:
+        q.close()

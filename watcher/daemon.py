@@ -30,7 +30,8 @@ log = structlog.get_logger(__name__)
 
 EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 LOOP_S = 0.2
-STATUS_EVERY_S = 2.0
+STATUS_EVERY_S = 2.0          # the status row and metrics are rewritten at least this often
+STATUS_CHECK_S = 0.5          # … and looked at this often (sooner when a job starts or is queued)
 FOLDERS_EVERY_S = 5.0
 WEIGHTS_RETRY_S = 5.0
 LOAD_ERROR_RETRY_S = 30.0
@@ -150,6 +151,7 @@ class Daemon:
         self.metrics = None
         self.hooks = None
         self._forgotten: deque[str] = deque()     # from the worker thread; drained by the main loop
+        self._enqueued = False
 
     # --- signals: flags only ----------------------------------------------------------------
 
@@ -242,8 +244,9 @@ class Daemon:
         log.info("daemon.started", pid=os.getpid(), config=str(self.cfg_path), state_dir=str(cfg.state_dir))
         thread = threading.Thread(target=self._worker_loop, name="worker", daemon=True)
         thread.start()
-        last_status = last_folders = 0.0
+        last_status = last_folders = last_check = 0.0
         status_text = ""
+        last_current = None
         while not self.stop.is_set():
             now = time.time()
             if self.reload_requested.is_set():
@@ -262,6 +265,11 @@ class Daemon:
                 self.notifier.extend_timeout(30)
             if self.worker.current is None:
                 self.notifier.watchdog()        # during a job the worker pings, per step and per tile
+            current = self.worker.current
+            if now - last_check < STATUS_CHECK_S and current is last_current and not self._enqueued:
+                self.stop.wait(LOOP_S)
+                continue
+            last_check, last_current, self._enqueued = now, current, False
             state, text, reason = self._status(queue, now)     # written at once when it changes
             if text != status_text or now - last_status >= STATUS_EVERY_S:
                 self.notifier.status(text)
@@ -328,6 +336,7 @@ class Daemon:
             job = queue.enqueue(c.rel, c.size, c.mtime_ns, sha, now)
             if job is not None:
                 log.info("job.queued", job=job.id, path=c.rel, bytes=c.size)
+                self._enqueued = True
                 self.wake.set()
 
     def _check_folders(self) -> None:

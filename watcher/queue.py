@@ -32,7 +32,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (FAILED, "retry"): PENDING,         # `photoenhanced retry`: attempts reset
 }
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS = {
     1: """
     CREATE TABLE jobs (
@@ -70,6 +70,10 @@ _MIGRATIONS = {
         started REAL,
         updated REAL
     );
+    """,
+    # 2: "done today" for the STATUS line without a table scan
+    2: """
+    CREATE INDEX jobs_finished ON jobs(state, finished);
     """,
 }
 
