@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,19 @@ def cli(config: Path, *args: str, env: dict | None = None) -> subprocess.Complet
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([PY, "-m", "watcher.cli", "--config", str(config), *args], capture_output=True,
                           text=True, env=e, timeout=120)
+
+
+@contextmanager
+def readonly(path: Path):
+    """`path` read-only for everyone, root included (a read-only bind mount), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot bind-mount (needs root): {r.stderr.strip()}")
+    try:
+        r = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import PY, ROOT, write_config
+from conftest import PY, ROOT, write_config, readonly
 from watcher import config as config_mod
 from watcher.config import Config, Enhance, FolderOverride, find_config, folder_problems, load, parse
 from watcher.errors import ConfigError
@@ -352,19 +351,6 @@ def test_folder_problems_skips_the_archive_when_originals_are_deleted(tmp_path):
     assert not (tmp_path / "archive").exists()
 
 
-@contextmanager
-def _readonly(path: Path):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot bind-mount (needs root): {r.stderr.strip()}")
-    try:
-        r = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize("name", ["outbox", "failed", "archive", "state_dir"])
@@ -372,7 +358,7 @@ def test_folder_problems_reports_a_read_only_target(tmp_path, name):
     cfg = _cfg(tmp_path)
     target = {"outbox": cfg.folders.outbox, "failed": cfg.folders.failed, "archive": cfg.folders.archive,
               "state_dir": cfg.state_dir}[name]
-    with _readonly(target):
+    with readonly(target):
         problems = folder_problems(cfg)
     assert set(problems) == {name}
     assert "read-only" in problems[name] and str(target) in problems[name]
@@ -380,14 +366,14 @@ def test_folder_problems_reports_a_read_only_target(tmp_path, name):
 
 def test_folder_problems_reports_a_read_only_inbox(tmp_path):
     cfg = _cfg(tmp_path)
-    with _readonly(cfg.folders.inbox):
+    with readonly(cfg.folders.inbox):
         problems = folder_problems(cfg)
     assert set(problems) == {"inbox"} and "read-only" in problems["inbox"]
 
 
 def test_folder_problems_reports_a_target_that_cannot_be_created(tmp_path):
     cfg = _cfg(tmp_path)
-    with _readonly(tmp_path / "ro"):
+    with readonly(tmp_path / "ro"):
         cfg = dataclasses.replace(cfg, folders=dataclasses.replace(cfg.folders, failed=tmp_path / "ro" / "failed"))
         problems = folder_problems(cfg)
     assert set(problems) == {"failed"} and "cannot be created" in problems["failed"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, write_config
+from conftest import PY, ROOT, write_config, readonly
 from watcher import config as config_mod
 from watcher.errors import FolderError
 from watcher.publish import TMP_DIR, PlanBroken, Publisher
@@ -71,19 +71,6 @@ def sidecar_of(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@contextmanager
-def readonly(path: Path):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot bind-mount (needs root): {r.stderr.strip()}")
-    try:
-        r = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @contextmanager

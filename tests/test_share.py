@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from watcher.discover import Discovery
+from watcher.publish import fsync_dir, write_synced
 
 try:
     from samba_rig import SambaRig, start_samba
@@ -130,23 +131,12 @@ def test_publish_steps_through_the_mount(inbox):
     d = Discovery(out, Watch(settle_seconds=0.5))
     seen = d.poll()
     tmp = tmpdir / "job-1.jpg"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_synced(tmp, data)                          # publish's own write: O_EXCL, fsync
     time.sleep(1)
     seen += d.poll()
     os.replace(tmp, out / "a" / "b" / "IMG_1.jpg")  # across folders on the share: one rename
     for folder in (tmpdir, out / "a" / "b"):
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(folder)
     server = rig.share_dir / name / "a" / "b" / "IMG_1.jpg"
     assert server.read_bytes() == data
     assert not (rig.share_dir / name / ".photoenhanced-tmp" / "job-1.jpg").exists()
