@@ -7,12 +7,13 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from watcher import config
 from watcher.discover import (
     ALWAYS_IGNORED,
     Discovery,
@@ -24,14 +25,9 @@ from watcher.discover import (
 )
 
 
-@dataclass(frozen=True)
-class Watch:
-    mode: str = "poll"
-    poll_interval: float = 1.0
-    settle_seconds: float = 1.0
-    rescan_interval: float = 300.0
-    recursive: bool = True
-    ignore: tuple[str, ...] = ()
+def Watch(**over) -> config.Watch:
+    """The product's own watch settings, with this file's defaults."""
+    return replace(config.Watch(mode="poll", poll_interval=1.0, settle_seconds=1.0, rescan_interval=300.0), **over)
 
 
 def write(path: Path, data: bytes = b"\xff\xd8photo") -> Path:
@@ -361,17 +357,12 @@ def test_auto_mode_on_this_machine(tmp_path):
 
 UNPRIVILEGED = r"""
 import json, sys, time
-from dataclasses import dataclass
 from pathlib import Path
 from structlog.testing import capture_logs
+from watcher.config import Watch
 from watcher.discover import Discovery
 
-@dataclass(frozen=True)
-class Watch:
-    mode: str = "poll"; poll_interval: float = 1.0; settle_seconds: float = 1.0
-    rescan_interval: float = 2.0; recursive: bool = True; ignore: tuple = ()
-
-d = Discovery(Path(sys.argv[1]), Watch())
+d = Discovery(Path(sys.argv[1]), Watch(mode="poll", poll_interval=1.0, settle_seconds=1.0, rescan_interval=2.0))
 got = []
 with capture_logs() as logs:
     for t in range(8):

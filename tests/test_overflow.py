@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from watcher import config
 from watcher.discover import Discovery
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -17,14 +18,9 @@ BURST = 3000
 LOW = 16
 
 
-@dataclass(frozen=True)
-class Watch:
-    mode: str = "events"
-    poll_interval: float = 5.0
-    settle_seconds: float = 0.3
-    rescan_interval: float = 2.0
-    recursive: bool = True
-    ignore: tuple[str, ...] = ()
+def Watch(**over) -> config.Watch:
+    """The product's own watch settings, with this file's defaults."""
+    return replace(config.Watch(mode="events", poll_interval=5.0, settle_seconds=0.3, rescan_interval=2.0), **over)
 
 
 def start_with_small_queue(d: Discovery) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from watcher import config
 from watcher.discover import Discovery
 from watcher.publish import fsync_dir, write_synced
 
@@ -21,14 +22,9 @@ except ImportError:  # tests/ imported as a package
 pytestmark = pytest.mark.share
 
 
-@dataclass(frozen=True)
-class Watch:
-    mode: str = "auto"
-    poll_interval: float = 0.5
-    settle_seconds: float = 2.0
-    rescan_interval: float = 300.0
-    recursive: bool = True
-    ignore: tuple[str, ...] = ()
+def Watch(**over) -> config.Watch:
+    """The product's own watch settings, with this file's defaults."""
+    return replace(config.Watch(mode="auto", poll_interval=0.5, settle_seconds=2.0, rescan_interval=300.0), **over)
 
 
 @pytest.fixture(scope="module")
