@@ -234,8 +234,7 @@ def _hook(ctx, key, v):
     ctx.err(key, f"a hook is null, an http(s) URL or a command as a list of arguments, got {v!r}")
 
 
-def _upscale(ctx, key, v):
-    return _num(1, 4)(ctx, key, v)
+_upscale = _num(1, 4)
 
 
 _FOLDER_OVERRIDE = {"profile": _enum(*PROFILES), "upscale": _upscale}
