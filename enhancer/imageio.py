@@ -4,17 +4,23 @@ grayscale-ness kept.
 
 What the rest of the project relies on (see tests/test_imageio.py for one round trip per point):
 
-* ``probe`` reads the header only (PIL opens lazily): format, displayed size (after EXIF
-  orientation), pages, animation. Size limits, decompression bombs and animated files are
-  refused here, before any pixel is decoded.
+* ``probe`` reads headers only: format, displayed size (after EXIF orientation) of every page,
+  page count. A source is a path or the file's bytes. Limits hold for the whole file (Limits):
+  pixels per page and summed over all pages, pages (counting stops at max_pages + 1), bytes of
+  metadata; decompression bombs, animated files and container abuse (enhancer.containers walks
+  each container in bounded work before Pillow runs) are refused here, before any pixel is
+  decoded. ``tick()`` is called per page and during long walks (the daemon's watchdog).
 * ``decode`` = probe + pixels. EXIF orientation is applied; 16-bit PNG/TIFF keep all 16 bits
   (Pillow reduces 16-bit *RGB* to 8 bits, so those go through OpenCV); CMYK is converted to sRGB
   through its embedded ICC profile when it has one; palette images become RGB(A).
 * ``encode`` writes the enhanced pages: EXIF with Orientation = 1 and the new pixel dimensions,
   the ICC profile byte-identical, alpha, 16 bits where the source had them, grayscale as
   grayscale (Rec. 601 luma, the weights Pillow and JPEG use).
-* Files are opened with ``O_NOFOLLOW`` (the inbox is untrusted); every PIL/OpenCV error or warning
-  is translated into one of enhancer.errors' classes, never let through.
+* Paths are opened with ``O_NOFOLLOW | O_NONBLOCK`` and must be regular files (the inbox is
+  untrusted); every PIL/OpenCV error or warning is translated into one of enhancer.errors'
+  PermanentError classes, never let through (tests/test_hostile_formats.py, scripts/fuzz-decoders).
+* Metadata an output format cannot hold (EXIF over 65533 bytes in JPEG, …) is trimmed or
+  dropped with a note (``encode(..., notes=)``), never an error.
 
 Decisions (see the module's tests): palette images are written as RGB(A) (no re-quantisation);
 CMYK with an ICC profile is converted to sRGB and the output carries lcms' built-in sRGB
@@ -44,14 +50,16 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import cv2
 import numpy as np
 import structlog
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, PngImagePlugin, UnidentifiedImageError
 
-from enhancer.errors import AnimatedError, TooLargeError, UndecodableError, UnsupportedError
+from enhancer import containers
+from enhancer.errors import (AnimatedError, PermanentError, TooLargeError, UndecodableError,
+                             UnsupportedError)
 
 log = structlog.get_logger(__name__)
 
@@ -72,24 +80,36 @@ _TIFF_EXIF_KEEP = (270, 271, 272, 305, 306, 315, 33432, 0x8769, 0x8825)
 _LUMA = (0.299, 0.587, 0.114)       # Rec. 601, as Pillow's convert("L") and JPEG
 _CHUNK_ROWS = 512                   # rows per block when quantising (bounds temporaries)
 
+Source = Union[Path, str, bytes, bytearray, memoryview]   # a path, or the file's bytes
+Tick = Callable[[], None]
+
 
 @dataclass(frozen=True)
 class Limits:
-    max_input_megapixels: float = 80
-    max_output_megapixels: float = 64
+    """Whole-file limits; every one is checked from headers, before pixels are decoded."""
+
+    max_input_megapixels: float = 80     # per page, and summed over all pages
+    max_output_megapixels: float = 64    # per output page
     max_bytes: int = 512 * 1024 * 1024
+    max_pages: int = 100                 # TIFF pages; counting stops at max_pages + 1
+    max_metadata_bytes: int = 16 * 1024 * 1024   # EXIF + ICC + XMP + text chunks + comments
 
 
 @dataclass(frozen=True)
 class Info:
-    """From the header only, nothing decoded. width/height as displayed (after EXIF orientation)."""
+    """From the header only, nothing decoded. width/height: the first page as displayed (after
+    EXIF orientation); page_sizes: every page as displayed (w, h)."""
 
     format: str            # JPEG, PNG, WEBP, TIFF, BMP, HEIF (GIF for a still .gif)
     width: int
     height: int
     pages: int
-    animated: bool
     mode: str              # PIL mode of the first page (Pillow says "RGB" for 16-bit RGB)
+    page_sizes: tuple[tuple[int, int], ...] = ()
+    metadata_bytes: int = 0
+
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        return self.page_sizes or ((self.width, self.height),)
 
 
 @dataclass
@@ -107,8 +127,8 @@ class Decoded:
     exif: bytes | None                 # original EXIF ("Exif\0\0" + TIFF structure)
     icc: bytes | None                  # profile to carry over (sRGB after an ICC CMYK conversion)
     palette: bool
-    extra: dict = field(default_factory=dict)   # dpi, compression, webp_lossless, notes, …
-
+    extra: dict = field(default_factory=dict)   # dpi, compression, webp_lossless, …
+    notes: list[dict] = field(default_factory=list)   # metadata dropped while decoding
 
 # ----------------------------------------------------------------------------------- opening
 
@@ -132,17 +152,44 @@ def heif_can_write() -> bool:
 
 
 _PIL_LOCK = threading.Lock()
+# What PIL and its decoders raise on corrupt or hostile data (translated, never let through).
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+                   struct.error, zlib.error, RuntimeError, NotImplementedError, OverflowError,
+                   ZeroDivisionError)
+
+
+def _no_tick() -> None:
+    pass
+
+
+def _corrupt(exc: BaseException, name: str, what: str) -> PermanentError:
+    """A decoder's exception as one of ours (the caller raises it ``from exc``)."""
+    if isinstance(exc, PermanentError):
+        return exc
+    text = str(exc)
+    if "MAX_TEXT" in text:      # PNG text/iCCP over the limits _pil_guard sets from ours
+        return TooLargeError(f"{name}: text or profile chunks over max_metadata_bytes ({text})")
+    if "Security limit exceeded" in text:      # libheif's own size and memory limits
+        return TooLargeError(f"{name}: over the HEIF decoder's limits ({text})")
+    if isinstance(exc, Image.DecompressionBombError):
+        return TooLargeError(f"{name}: refused as a decompression bomb (over twice "
+                             f"max_input_megapixels): {text}")
+    return UndecodableError(f"{name}: {what}: {text or type(exc).__name__}")
 
 
 @contextmanager
 def _pil_guard(limits: Limits, name: str) -> Iterator[None]:
-    """PIL's decompression-bomb limit set from *our* limit for the duration of one open+decode,
-    restored afterwards (under a lock: imageio calls are serialised). Truncated files are never
-    loaded half-way; PIL warnings are logged, never printed; bomb warnings become errors."""
+    """PIL's decompression-bomb and PNG text limits set from *ours* for the duration of one
+    open+decode, restored afterwards (under a lock: imageio calls are serialised). Truncated
+    files are never loaded half-way; PIL warnings are logged, never printed; bomb warnings
+    become errors."""
     pixels = max(1, int(limits.max_input_megapixels * 1e6))
+    text = max(1, int(limits.max_metadata_bytes))
     with _PIL_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES,
+                 PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = pixels, False
+        PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = text
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -152,54 +199,85 @@ def _pil_guard(limits: Limits, name: str) -> Iterator[None]:
                 try:
                     yield
                 except Image.DecompressionBombError as exc:
-                    raise TooLargeError(f"{name}: refused as a decompression bomb (over twice "
-                                        f"max_input_megapixels): {exc}") from exc
+                    raise _corrupt(exc, name, "") from exc
             for w in caught:
-                text = str(w.message)
-                if "truncated" in text.lower():
-                    raise UndecodableError(f"{name}: truncated image data ({text})")
-                log.warning("imageio.decoder_warning", path=name, message=text,
+                text_w = str(w.message)
+                if "truncated" in text_w.lower():
+                    raise UndecodableError(f"{name}: truncated image data ({text_w})")
+                log.warning("imageio.decoder_warning", path=name, message=text_w[:200],
                             category=w.category.__name__)
         finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+            (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES,
+             PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) = saved
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return bytes(view[:got]) if got < size else bytes(buf)
+
+
+def _load(source: Source, limits: Limits, name: str | None) -> tuple[str, bytes]:
+    """(display name, the whole file). A path is opened without following links or blocking on
+    a FIFO, and must be a regular file; bytes are taken as they are."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<bytes>"
+        size = source.nbytes if isinstance(source, memoryview) else len(source)
+        if size > limits.max_bytes:
+            raise TooLargeError(f"{name} has {size} bytes, over the limit of "
+                                f"{limits.max_bytes} bytes")
+        data = source if isinstance(source, bytes) else bytes(source)
+    else:
+        path = Path(source)
+        name = name or path.name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedError(f"{name} is a symbolic link; links in the inbox are not "
+                                       "followed") from exc
+            raise   # missing/unreadable file: not the content's fault, the caller decides
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsupportedError(f"{name} is not a regular file")
+            if st.st_size > limits.max_bytes:
+                raise TooLargeError(f"{name} has {st.st_size} bytes, over the limit of "
+                                    f"{limits.max_bytes} bytes")
+            data = _read_fd(fd, st.st_size)
+        finally:
+            os.close(fd)
+    if not data:
+        raise UndecodableError(f"{name} is empty (0 bytes)")
+    return name, data
 
 
 @contextmanager
-def _opened(path: Path, limits: Limits) -> Iterator[tuple[Image.Image, int, int]]:
-    """Open without following links, check size, identify with PIL (lazy). Yields (im, fd, bytes)
-    inside the PIL guard."""
-    path = Path(path)
-    name = path.name
+def _opened(data: bytes, name: str, limits: Limits,
+            tick: Tick) -> Iterator[tuple[Image.Image, containers.Scan]]:
+    """Walk the container (bounded), then identify with PIL (lazy). Yields (im, scan) inside the
+    PIL guard."""
     _register_heif()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsupportedError(f"{name} is a symbolic link; links in the inbox are not "
-                                   "followed") from exc
-        raise   # missing/unreadable file: not the content's fault, the caller decides
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsupportedError(f"{name} is not a regular file")
-        if st.st_size > limits.max_bytes:
-            raise TooLargeError(f"{name} has {st.st_size} bytes, over the limit of "
-                                f"{limits.max_bytes} bytes")
-        if st.st_size == 0:
-            raise UndecodableError(f"{name} is empty (0 bytes)")
-        with _pil_guard(limits, name):
-            try:
-                im = Image.open(fh, formats=_PIL_FORMATS)
-            except UnidentifiedImageError as exc:
-                head = os.pread(fd, 16, 0)
-                raise UndecodableError(
-                    f"{name} is not a readable JPEG, PNG, WebP, TIFF, BMP or HEIF image "
-                    f"({st.st_size} bytes starting with {head!r})") from exc
-            except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
-                    RuntimeError) as exc:
-                raise UndecodableError(f"{name}: corrupt or truncated image header: {exc}") from exc
-            with im:
-                yield im, fd, st.st_size
+    sc = containers.scan(data, name, max_frames=limits.max_pages, tick=tick)
+    tick()
+    _check_metadata(name, sc.metadata, limits)
+    with _pil_guard(limits, name):
+        try:
+            im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+        except UnidentifiedImageError as exc:
+            raise UndecodableError(
+                f"{name} is not a readable JPEG, PNG, WebP, TIFF, BMP or HEIF image "
+                f"({len(data)} bytes starting with {bytes(data[:16])!r})") from exc
+        except _DECODER_ERRORS as exc:
+            raise _corrupt(exc, name, "corrupt or truncated image header") from exc
+        with im:
+            yield im, sc
 
 
 def _format(im: Image.Image) -> str:
@@ -209,10 +287,13 @@ def _format(im: Image.Image) -> str:
 
 def _exif_at_open(im: Image.Image, fmt: str) -> Image.Exif | None:
     """EXIF known without decoding pixels. PNG: only an eXIf chunk before IDAT (Pillow's
-    getexif() would decode the image to look behind it; browsers ignore a late one too)."""
+    getexif() would decode the image to look behind it; browsers ignore a late one too).
+    An EXIF blob that would make Pillow's parser re-read its bytes without end is ignored."""
+    raw = im.info.get("exif")
+    if raw and not containers.exif_ok(raw, "exif"):
+        return None
     if fmt == "JPEG":
         return im.getexif()
-    raw = im.info.get("exif")
     if not raw:
         return None
     ex = Image.Exif()
@@ -230,8 +311,9 @@ def _orientation(im: Image.Image, fmt: str) -> int:
             return value if 1 <= value <= 8 else 1
         ex = _exif_at_open(im, fmt)
         value = int(ex.get(_ORIENTATION, 1)) if ex is not None else 1
-    except (ValueError, TypeError, SyntaxError, struct.error, OSError) as exc:
-        log.warning("imageio.bad_exif", error=str(exc))
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError,
+            IndexError) as exc:
+        log.warning("imageio.bad_exif", error=str(exc)[:200])
         return 1
     return value if 1 <= value <= 8 else 1
 
@@ -254,6 +336,20 @@ def _check_pixels(name: str, w: int, h: int, limits: Limits, what: str = "") -> 
                             f"max_input_megapixels = {limits.max_input_megapixels:g}")
 
 
+def _check_total(name: str, sizes: list[tuple[int, int]] | tuple, limits: Limits) -> None:
+    total = sum(w * h for w, h in sizes)
+    if total > limits.max_input_megapixels * 1e6:
+        raise TooLargeError(f"{name}: the sum of pixels over {len(sizes)} pages = "
+                            f"{total / 1e6:.1f} MP is over max_input_megapixels = "
+                            f"{limits.max_input_megapixels:g}")
+
+
+def _check_metadata(name: str, size: int, limits: Limits) -> None:
+    if size > limits.max_metadata_bytes:
+        raise TooLargeError(f"{name}: {size} bytes of metadata (EXIF, ICC, XMP, text, comments) "
+                            f"are over max_metadata_bytes = {limits.max_metadata_bytes}")
+
+
 def _check_png_bomb(name: str, im: Image.Image, size: int) -> None:
     """Deflate expands at most ~1032:1: a PNG whose header claims more raw bytes than its file
     could hold is truncated or a bomb. Refused before decoding even under a raised limit."""
@@ -264,31 +360,96 @@ def _check_png_bomb(name: str, im: Image.Image, size: int) -> None:
                             f"has {size} bytes; refused as a decompression bomb")
 
 
-def _info(im: Image.Image, name: str, limits: Limits, size: int) -> Info:
+def _pil_metadata(im: Image.Image, fmt: str) -> int:
+    """Bytes of metadata Pillow holds for the file (JPEG: every APPn and COM segment)."""
+    if fmt == "JPEG":
+        return sum(len(s) for _, s in getattr(im, "applist", ()))
+    return sum(len(v) for v in im.info.values() if isinstance(v, (bytes, str)))
+
+
+def _seek_count(im: Image.Image, cap: int, tick: Tick) -> int:
+    """Frames found by seeking, at most cap + 1 (never the whole file)."""
+    n = 1
+    try:
+        while n <= cap:
+            im.seek(n)
+            tick()
+            n += 1
+    except EOFError:
+        pass
+    im.seek(0)
+    return n
+
+
+def _frames(im: Image.Image, fmt: str, sc: containers.Scan, limits: Limits, tick: Tick) -> int:
+    cap = limits.max_pages
+    if fmt in ("TIFF", "GIF"):
+        if sc.kind == fmt and sc.frames:
+            return cap + 1 if sc.more else sc.frames
+        return _seek_count(im, cap, tick)
+    if fmt in ("PNG", "WEBP"):                  # both say it in a header chunk (acTL, ANIM)
+        return max(sc.frames if sc.kind == fmt else 1, int(getattr(im, "n_frames", 1) or 1))
+    return 1
+
+
+def _page_sizes(im: Image.Image, fmt: str, sc: containers.Scan, pages: int,
+                tick: Tick) -> list[tuple[int, int]]:
+    """Every page as displayed, from headers: TIFF from the walk of its IFDs (Pillow's own view
+    for page 1), by seeking only when the walk could not say."""
+    first = _displayed_size(im, fmt)
+    if pages == 1:
+        return [first]
+    if sc.kind == "TIFF" and len(sc.sizes) >= pages:
+        return [first] + [(h, w) if o >= 5 else (w, h)
+                          for (w, h), o in zip(sc.sizes[1:pages], sc.orientations[1:pages])]
+    sizes = [first]
+    for i in range(1, pages):
+        im.seek(i)
+        tick()
+        sizes.append(_displayed_size(im, fmt))
+    im.seek(0)
+    return sizes
+
+
+def _info(im: Image.Image, sc: containers.Scan, name: str, limits: Limits, size: int,
+          tick: Tick) -> Info:
     fmt = _format(im)
-    frames = int(getattr(im, "n_frames", 1) or 1)
-    pages, animated = 1, False
+    frames = _frames(im, fmt, sc, limits, tick)
     if fmt in ("GIF", "WEBP", "PNG") and frames > 1:
-        raise AnimatedError(f"{name}: animated {fmt} with {frames} frames is not supported")
-    if fmt == "TIFF":
-        pages = frames
+        count = f"more than {limits.max_pages}" if frames > limits.max_pages else str(frames)
+        raise AnimatedError(f"{name}: animated {fmt} with {count} frames is not supported")
+    pages = frames if fmt == "TIFF" else 1
+    if pages > limits.max_pages:
+        raise TooLargeError(f"{name}: more than {limits.max_pages} pages (max_pages = "
+                            f"{limits.max_pages}); counting stopped there")
+    metadata = max(sc.metadata, _pil_metadata(im, fmt))
+    _check_metadata(name, metadata, limits)
     w, h = im.size
     _check_pixels(name, w, h, limits)
     if fmt == "PNG":
         _check_png_bomb(name, im, size)
-    w, h = _displayed_size(im, fmt)
-    return Info(format=fmt, width=w, height=h, pages=pages, animated=animated, mode=im.mode)
+    sizes = _page_sizes(im, fmt, sc, pages, tick)
+    for i, (pw, ph) in enumerate(sizes[1:], start=2):
+        _check_pixels(name, pw, ph, limits, what=f" page {i}")
+    _check_total(name, sizes, limits)
+    return Info(format=fmt, width=sizes[0][0], height=sizes[0][1], pages=pages, mode=im.mode,
+                page_sizes=tuple(sizes), metadata_bytes=metadata)
 
 
-def probe(path: Path, limits: Limits) -> Info:
-    """Header only. Raises TooLargeError, AnimatedError, UnsupportedError, UndecodableError."""
-    path = Path(path)
-    with _opened(path, limits) as (im, _fd, size):
-        info = _info(im, path.name, limits, size)
-        for i in range(1, info.pages):        # every TIFF page within the limits too
-            im.seek(i)
-            _check_pixels(path.name, *im.size, limits, what=f" page {i + 1}")
-        return info
+def probe(source: Source, limits: Limits, *, name: str | None = None,
+          tick: Tick | None = None) -> Info:
+    """Header only. ``source``: a path (opened without following links) or the file's bytes
+    (``name`` is then the display name for messages). ``tick()`` is called once per page
+    examined and periodically in long walks (feed a watchdog with it). Raises TooLargeError,
+    AnimatedError, UnsupportedError, UndecodableError — never another exception for any content
+    (OSError only for a path that cannot be opened)."""
+    tick = tick or _no_tick
+    name, data = _load(source, limits, name)
+    with _opened(data, name, limits, tick) as (im, sc):
+        try:
+            return _info(im, sc, name, limits, len(data), tick)
+        except _DECODER_ERRORS as exc:
+            raise _corrupt(exc, name, "corrupt image header") from exc
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -399,18 +560,6 @@ def _is_16bit_color(im: Image.Image, fmt: str) -> bool:
     return False
 
 
-def _read_all(fd: int, size: int) -> np.ndarray:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], got)
-        if n == 0:
-            break
-        got += n
-    return np.frombuffer(buf, np.uint8, count=got)
-
-
 def _cv2_pages(name: str, fmt: str, data: np.ndarray) -> list[np.ndarray]:
     """16-bit colour pixels through OpenCV (BGR(A) → RGB(A) views)."""
     flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
@@ -436,20 +585,17 @@ def _cv2_pages(name: str, fmt: str, data: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _webp_lossless(fd: int, size: int) -> bool:
+def _webp_lossless(data: bytes) -> bool:
     """A VP8L chunk (and no lossy VP8 one) means the WebP was lossless."""
-    pos, found = 12, set()
+    pos, found, size = 12, set(), len(data)
     while pos + 8 <= size and len(found) < 64:
-        head = os.pread(fd, 8, pos)
-        if len(head) < 8:
-            break
-        tag, length = head[:4], struct.unpack("<I", head[4:])[0]
+        tag, length = struct.unpack_from("<4sI", data, pos)
         found.add(tag)
         pos += 8 + length + (length & 1)
     return b"VP8L" in found and b"VP8 " not in found
 
 
-def _clean_exif(im: Image.Image, fmt: str) -> bytes | None:
+def _clean_exif(im: Image.Image, fmt: str, name: str, notes: list[dict]) -> bytes | None:
     try:
         if fmt == "TIFF":
             ifd0 = im.getexif()
@@ -465,44 +611,62 @@ def _clean_exif(im: Image.Image, fmt: str) -> bytes | None:
         raw = im.info.get("exif")
         if not raw:
             return None
-        return raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw
-    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError) as exc:
-        log.warning("imageio.bad_exif", error=str(exc))
+        raw = raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw
+        if not containers.exif_ok(raw, name):
+            notes.append({"block": "exif", "action": "dropped",
+                          "reason": "its directories would make a parser re-read the same bytes "
+                                    "without end (malformed or hostile EXIF)"})
+            return None
+        return raw
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError,
+            IndexError) as exc:
+        log.warning("imageio.bad_exif", path=name, error=str(exc)[:200])
+        notes.append({"block": "exif", "action": "dropped", "reason": f"unreadable: {exc}"[:200]})
         return None
 
 
-def decode(path: Path, limits: Limits) -> Decoded:
-    """probe, then pixels. Raises like probe, and UndecodableError on corrupt/truncated data."""
-    path = Path(path)
-    name = path.name
-    with _opened(path, limits) as (im, fd, size):
-        info = _info(im, name, limits, size)
+def decode(source: Source, limits: Limits, *, name: str | None = None,
+           tick: Tick | None = None) -> Decoded:
+    """probe, then pixels. Same ``source``, ``name`` and ``tick`` as probe (ticks once per page
+    decoded too). Raises like probe, and UndecodableError on corrupt/truncated data."""
+    tick = tick or _no_tick
+    name, data = _load(source, limits, name)
+    size = len(data)
+    with _opened(data, name, limits, tick) as (im, sc):
+        try:
+            info = _info(im, sc, name, limits, size, tick)
+        except _DECODER_ERRORS as exc:
+            raise _corrupt(exc, name, "corrupt image header") from exc
         fmt = info.format
-        extra: dict = {"source_format": im.format}
-        if "dpi" in im.info:
-            extra["dpi"] = tuple(float(x) for x in im.info["dpi"])
-        if fmt == "TIFF" and im.info.get("compression"):
-            extra["compression"] = im.info["compression"]
-        if fmt == "WEBP":
-            extra["webp_lossless"] = _webp_lossless(fd, size)
-        if fmt == "JPEG":
-            extra["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
-            if im.format == "MPO":
-                extra["note"] = "multi-picture JPEG: first picture only"
-        exif = _clean_exif(im, fmt)
-        icc = im.info.get("icc_profile") or None
-        orientations, sixteen = [], []
-        for i in range(info.pages):
-            if i:
-                im.seek(i)
-                _check_pixels(name, *im.size, limits, what=f" page {i + 1}")
-            orientations.append(_orientation(im, fmt))
-            sixteen.append(_is_16bit_color(im, fmt))
+        notes: list[dict] = []
         pages: list[Page] = []
         metas: list[dict] = []
         try:
+            extra: dict = {"source_format": im.format}
+            if "dpi" in im.info:
+                extra["dpi"] = tuple(float(x) for x in im.info["dpi"])
+            if fmt == "TIFF" and im.info.get("compression"):
+                extra["compression"] = im.info["compression"]
+            if fmt == "WEBP":
+                extra["webp_lossless"] = _webp_lossless(data)
+            if fmt == "JPEG":
+                extra["progressive"] = bool(im.info.get("progressive")
+                                            or im.info.get("progression"))
+                if im.format == "MPO":
+                    extra["note"] = "multi-picture JPEG: first picture only"
+            exif = _clean_exif(im, fmt, name, notes)
+            icc = im.info.get("icc_profile") or None
+            orientations, sixteen = [], []
+            for i in range(info.pages):
+                if i:
+                    im.seek(i)
+                    # the walk of the IFDs said so; Pillow's own reading must agree
+                    _check_pixels(name, *im.size, limits, what=f" page {i + 1}")
+                tick()
+                orientations.append(_orientation(im, fmt))
+                sixteen.append(_is_16bit_color(im, fmt))
             if any(sixteen):
-                arrays = _cv2_pages(name, fmt, _read_all(fd, size))
+                arrays = _cv2_pages(name, fmt, np.frombuffer(data, np.uint8))
                 if len(arrays) != info.pages:
                     raise UndecodableError(f"{name}: OpenCV read {len(arrays)} of "
                                            f"{info.pages} pages")
@@ -514,15 +678,22 @@ def decode(path: Path, limits: Limits) -> Decoded:
                     pages.append(_page_from_array(a, orient, gray, alpha))
                     metas.append({"gray": gray, "alpha": alpha, "palette": False, "cmyk": False,
                                   "bits": 16 if a.dtype == np.uint16 else 8})
+                    tick()
             else:
+                done = 0
                 for i in range(info.pages):
                     im.seek(i)
+                    done += im.size[0] * im.size[1]
+                    if done > limits.max_input_megapixels * 1e6:
+                        _check_total(name, [im.size] * (i + 1), limits)   # raises
                     page, meta = _pil_page(im, orientations[i], extra, name)
                     pages.append(page)
                     metas.append(meta)
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
-                zlib.error, RuntimeError) as exc:
-            raise UndecodableError(f"{name}: truncated or corrupt {fmt} data: {exc}") from exc
+                    tick()
+        except _DECODER_ERRORS as exc:
+            raise _corrupt(exc, name, f"truncated or corrupt {fmt} data") from exc
+        # PNG text chunks after the image data are only read now
+        _check_metadata(name, max(info.metadata_bytes, _pil_metadata(im, fmt)), limits)
     first = metas[0]
     if first["cmyk"]:
         icc = _srgb_bytes() if extra.get("cmyk_conversion", "").startswith("embedded") else None
@@ -532,7 +703,7 @@ def decode(path: Path, limits: Limits) -> Decoded:
               pages=info.pages, modes=extra["page_modes"])
     return Decoded(info=info, pages=pages, bits=max(m["bits"] for m in metas),
                    gray=first["gray"], exif=exif, icc=icc,
-                   palette=any(m["palette"] for m in metas), extra=extra)
+                   palette=any(m["palette"] for m in metas), extra=extra, notes=notes)
 
 
 # ----------------------------------------------------------------------------------- sizes
@@ -543,24 +714,28 @@ MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
 
 
 def output_scale(info: Info, wanted: float, limits: Limits, fmt: str | None = None) -> float:
-    """The upscale factor actually used: ``wanted``, reduced so that the output stays within
-    max_output_megapixels (and, given the output ``fmt``, within the longest side that format
-    can hold), rounded down to 1/1000. Never below 1.0 (the input limit was checked already)."""
+    """The upscale factor actually used: ``wanted``, reduced so that every output page stays
+    within max_output_megapixels (and, given the output ``fmt``, within the longest side that
+    format can hold), rounded down to 1/1000. The largest page decides, not the first. Never
+    below 1.0 (the input limit was checked already)."""
     if wanted <= 0:
         raise ValueError(f"upscale must be positive, got {wanted}")
     limit = limits.max_output_megapixels * 1e6
     side = MAX_SIDE.get((fmt or "").upper())
-    w, h = info.width, info.height
+    sizes = [(max(1, w), max(1, h)) for w, h in info.sizes()]
 
     def fits(k: float) -> bool:
-        ow, oh = round(w * k), round(h * k)
-        return ow * oh <= limit and (side is None or max(ow, oh) <= side)
+        for w, h in sizes:
+            ow, oh = round(w * k), round(h * k)
+            if ow * oh > limit or (side is not None and max(ow, oh) > side):
+                return False
+        return True
 
     if fits(wanted):
         return float(wanted)
-    scale = math.sqrt(limit / (w * h))
+    scale = math.sqrt(limit / max(w * h for w, h in sizes))
     if side is not None:
-        scale = min(scale, side / max(w, h))
+        scale = min(scale, side / max(max(w, h) for w, h in sizes))
     scale = math.floor(min(scale, wanted) * 1000) / 1000
     while scale > 1.0 and not fits(scale):
         scale -= 0.001
@@ -641,20 +816,97 @@ def _flatten_on_white(page: Page) -> Page:
     return Page(rgb=rgb.astype(np.float32, copy=False), alpha=None)
 
 
-def _new_exif(src: Decoded, size: tuple[int, int]) -> bytes | None:
+def _parse_exif(blob: bytes) -> Image.Exif:
+    """Pillow's EXIF parser without its warnings on stderr (a bad tag is skipped, as it says)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = Image.Exif()
+        ex.load(blob)
+        ex.get_ifd(_EXIF_IFD)
+        ex.get_ifd(0x8825)                       # GPS
+        return ex
+
+
+def _new_exif(src: Decoded, size: tuple[int, int], notes: list[dict]) -> bytes | None:
+    """The source's EXIF with Orientation = 1 and the new pixel size. Pillow writes IFD0 and
+    its EXIF/GPS sub-IFDs, never IFD1: the thumbnail of the unenhanced picture is not carried."""
     if not src.exif:
         return None
     try:
-        ex = Image.Exif()
-        ex.load(src.exif)
+        ex = _parse_exif(src.exif)
         ex[_ORIENTATION] = 1
         sub = ex.get_ifd(_EXIF_IFD)
         if sub:
             sub[_PIXEL_X], sub[_PIXEL_Y] = int(size[0]), int(size[1])
         return ex.tobytes()
-    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError) as exc:
-        log.warning("imageio.exif_dropped", error=str(exc))
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError,
+            IndexError) as exc:
+        log.warning("imageio.exif_dropped", error=str(exc)[:200])
+        notes.append({"block": "exif", "action": "dropped",
+                      "reason": f"could not be rewritten: {exc}"[:200]})
         return None
+
+
+# What one output format can hold (measured with Pillow 13): JPEG has one APP1 segment of at
+# most 65533 bytes for EXIF ("Exif\0\0" included) and splits ICC over at most 255 APP2
+# segments of 65519 bytes (beyond that Pillow writes a fragment count that wraps); PNG: Pillow's
+# reader (and so this module with default limits, and many programs) refuses an iCCP chunk
+# over 1 MiB decompressed. WebP, TIFF and HEIF took 16 MB of each.
+JPEG_EXIF_MAX = 65533
+JPEG_ICC_MAX = 255 * (65533 - 14)
+PNG_ICC_MAX = 1 << 20
+_MAKERNOTE = 0x927C
+
+
+def _trim_exif(exif: bytes, limit: int, fmt: str, notes: list[dict]) -> bytes | None:
+    """EXIF over what ``fmt`` holds: without MakerNote if that is enough, else none at all."""
+    why = f"{fmt} holds at most {limit} bytes of EXIF; it had {len(exif)}"
+    try:
+        ex = _parse_exif(exif)
+        sub = ex.get_ifd(_EXIF_IFD)
+        if _MAKERNOTE in sub:
+            del sub[_MAKERNOTE]
+            smaller = ex.tobytes()
+            if len(smaller) <= limit:
+                notes.append({"block": "exif", "action": "trimmed",
+                              "reason": f"{why}; MakerNote and thumbnail removed, "
+                                        f"{len(smaller)} bytes kept"})
+                return smaller
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError, IndexError):
+        pass
+    notes.append({"block": "exif", "action": "dropped",
+                  "reason": f"{why}, still too many without its MakerNote and thumbnail"})
+    return None
+
+
+def _fit_metadata(fmt: str, bits16: bool, exif: bytes | None, icc: bytes | None,
+                  notes: list[dict]) -> tuple[bytes | None, bytes | None]:
+    """EXIF and ICC as the output format can hold them; a note for each change."""
+    if fmt == "JPEG":
+        if exif and len(exif) > JPEG_EXIF_MAX:
+            exif = _trim_exif(exif, JPEG_EXIF_MAX, fmt, notes)
+        if icc and len(icc) > JPEG_ICC_MAX:
+            notes.append({"block": "icc", "action": "dropped",
+                          "reason": f"JPEG holds at most {JPEG_ICC_MAX} bytes of ICC profile "
+                                    f"(255 APP2 segments); it had {len(icc)}"})
+            icc = None
+    elif fmt == "PNG" and icc and len(icc) > PNG_ICC_MAX:
+        notes.append({"block": "icc", "action": "dropped",
+                      "reason": f"an iCCP chunk over {PNG_ICC_MAX} bytes is refused by common "
+                                f"PNG readers; it had {len(icc)}"})
+        icc = None
+    elif fmt == "BMP":
+        for block, value in (("exif", exif), ("icc", icc)):
+            if value:
+                notes.append({"block": block, "action": "dropped",
+                              "reason": "BMP output holds no such block"})
+        exif = icc = None
+    elif fmt == "TIFF" and bits16 and exif:
+        notes.append({"block": "exif", "action": "dropped",
+                      "reason": "16-bit colour TIFF is written by tifffile, which cannot write "
+                                "an EXIF directory"})
+        exif = None
+    return exif, icc
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -677,22 +929,22 @@ def _png_with_metadata(png: bytes, icc: bytes | None, exif: bytes | None,
 
 
 def _encode_16bit_color(src: Decoded, arrays: list[np.ndarray], fmt: str,
-                        exif: bytes | None) -> bytes:
+                        exif: bytes | None, icc: bytes | None) -> bytes:
     dpi = src.extra.get("dpi")
     bgr = [a[..., [2, 1, 0, 3]] if a.shape[2] == 4 else a[..., ::-1] for a in arrays]
     if fmt == "PNG":
         ok, buf = cv2.imencode(".png", bgr[0], [cv2.IMWRITE_PNG_COMPRESSION, 6])
         if not ok:
             raise ValueError("OpenCV could not encode the 16-bit PNG")
-        return _png_with_metadata(buf.tobytes(), src.icc, exif, dpi)
+        return _png_with_metadata(buf.tobytes(), icc, exif, dpi)
     import tifffile   # 16-bit RGB TIFF: Pillow cannot hold it; tifffile writes ICC and dpi
 
     out = io.BytesIO()
     with tifffile.TiffWriter(out) as tw:
         for i, a in enumerate(arrays):
             kwargs: dict = {}
-            if i == 0 and src.icc:
-                kwargs["iccprofile"] = src.icc
+            if i == 0 and icc:
+                kwargs["iccprofile"] = icc
             if dpi:
                 kwargs.update(resolution=dpi, resolutionunit="INCH")
             tw.write(a, photometric="rgb", compression="zlib",
@@ -700,10 +952,16 @@ def _encode_16bit_color(src: Decoded, arrays: list[np.ndarray], fmt: str,
     return out.getvalue()
 
 
-def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95) -> bytes:
+def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
+           notes: list[dict] | None = None) -> bytes:
     """Encode the enhanced pages as ``fmt`` (a PIL format from output_format) with src's
     metadata. Gray sources are written gray, 16-bit PNG/TIFF sources 16-bit, alpha kept where the
-    format holds it (JPEG: composited over white). Returns the file's bytes."""
+    format holds it (JPEG: composited over white). Returns the file's bytes.
+
+    Metadata the format cannot hold (EXIF over 64 kB in JPEG, …) is trimmed or dropped, never an
+    error: each change is appended to ``notes`` as {"block", "action": "trimmed"|"dropped",
+    "reason"} (the sidecar's; add ``src.notes`` for what decoding dropped)."""
+    notes = [] if notes is None else notes
     fmt = fmt.upper()
     if fmt not in _WRITABLE:
         raise ValueError(f"cannot encode {fmt}; one of {', '.join(_WRITABLE)}")
@@ -719,24 +977,26 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95) ->
     if fmt in MAX_SIDE and max(w, h) > MAX_SIDE[fmt]:
         raise UnsupportedError(f"{fmt} cannot hold {w}×{h}: at most {MAX_SIDE[fmt]} pixels a "
                                "side (pass fmt to output_scale, or choose another output_format)")
-    exif = _new_exif(src, (w, h))
+    exif = _new_exif(src, (w, h), notes)
     dpi = src.extra.get("dpi")
 
     arrays = [_page_array(p, gray, p.alpha is not None, bits) for p in pages]
+    bits16_color = bits == 16 and (not gray or any(a.ndim == 3 for a in arrays))
+    exif, icc = _fit_metadata(fmt, bits16_color, exif, src.icc, notes)
     if bits == 16 and not gray:
-        return _encode_16bit_color(src, arrays, fmt, exif)
-    if bits == 16 and any(a.ndim == 3 for a in arrays):
+        return _encode_16bit_color(src, arrays, fmt, exif, icc)
+    if bits16_color:
         # 16-bit gray + alpha: Pillow has no LA;16 → 16-bit RGBA (the only lossless choice)
         arrays = [np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
                   if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
-        return _encode_16bit_color(src, arrays, fmt, exif)
+        return _encode_16bit_color(src, arrays, fmt, exif, icc)
 
     images = [_to_pil(a) for a in arrays]
     kwargs: dict = {}
     if exif:
         kwargs["exif"] = exif
-    if src.icc and fmt != "BMP":
-        kwargs["icc_profile"] = src.icc
+    if icc:
+        kwargs["icc_profile"] = icc
     if dpi and fmt in ("JPEG", "PNG", "TIFF", "BMP"):
         kwargs["dpi"] = dpi
     if fmt == "JPEG":
@@ -757,14 +1017,29 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95) ->
     elif fmt == "HEIF":
         _register_heif()
         kwargs.update(quality=int(jpeg_quality))
-    out = io.BytesIO()
     try:
-        images[0].save(out, fmt, **kwargs)
+        return _save(images[0], fmt, kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"encoding {fmt} failed: {exc}") from exc
+        held = [k for k in ("exif", "icc_profile") if k in kwargs]
+        if not held:
+            raise ValueError(f"encoding {fmt} failed: {exc}") from exc
+        for k in held:                  # an encoder limit not known above: without metadata
+            del kwargs[k]
+            notes.append({"block": "exif" if k == "exif" else "icc", "action": "dropped",
+                          "reason": f"the {fmt} encoder refused it: {exc}"[:200]})
+        try:
+            return _save(images[0], fmt, kwargs)
+        except (OSError, ValueError, KeyError) as exc2:
+            raise ValueError(f"encoding {fmt} failed: {exc2}") from exc2
+
+
+def _save(im: Image.Image, fmt: str, kwargs: dict) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **kwargs)
     return out.getvalue()
 
 
 def _to_pil(a: np.ndarray) -> Image.Image:
     """uint8 (H,W)/(H,W,2|3|4) → L/LA/RGB/RGBA, uint16 (H,W) → I;16 (Pillow infers the mode)."""
     return Image.fromarray(np.ascontiguousarray(a))
+

@@ -5,11 +5,18 @@ tests/run_daemon.py, can be steered by a test:
   FAKE_DELAY=0.5          seconds per image (sleeps in small steps, calling progress)
   FAKE_OOM=name1,name2    raise OutOfMemoryError for images whose mean grey level... (see below)
   FAKE_WEIGHTS=path       if set, the factory raises WeightsMissingError until this file exists
-The images to fail are marked by their content: a pure red (1, 0, 0) top-left pixel → OOM.
+  FAKE_POISON=1           a pure blue (0, 0, 1) top-left pixel kills the whole process with SIGKILL
+                          (a "poison photo": an OOM kill or a codec segfault, every time it runs)
+  FAKE_MARK_DELAY=1.0     a pure green (0, 1, 0) top-left pixel sleeps this long (calling progress),
+                          so that one chosen image is seen as the current job (STATUS= line)
+The images to fail are marked by their content: a pure red (1, 0, 0) top-left pixel → OOM. The
+blue and green markers act only when their variable is set (a corpus may hold such images), and
+need a lossless format (PNG) to keep the pixel exact.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,17 +27,24 @@ from enhancer.errors import OutOfMemoryError, WeightsMissingError
 
 
 class FakeEnhancer:
-    def __init__(self, delay: float = 0.0, hang: bool = False):
+    def __init__(self, delay: float = 0.0, hang: bool = False, poison: bool = False, mark_delay: float = 0.0):
         self.delay = delay
+        self.poison = poison
+        self.mark_delay = mark_delay
         self.calls = 0
 
     def enhance(self, image: np.ndarray, params: Params, progress=None) -> Result:
         self.calls += 1
         if image.shape[0] and np.allclose(image[0, 0], (1.0, 0.0, 0.0), atol=0.02):
             raise OutOfMemoryError("fake CUDA out of memory (tile 256)")
-        end = time.monotonic() + self.delay
+        if self.poison and image.shape[0] and np.allclose(image[0, 0], (0.0, 0.0, 1.0), atol=0.02):
+            os.kill(os.getpid(), signal.SIGKILL)
+        delay = self.delay
+        if self.mark_delay and image.shape[0] and np.allclose(image[0, 0], (0.0, 1.0, 0.0), atol=0.02):
+            delay = max(delay, self.mark_delay)
+        end = time.monotonic() + delay
         while time.monotonic() < end:
-            time.sleep(min(0.05, self.delay))
+            time.sleep(min(0.05, delay))
             if progress:
                 progress()
         h, w = image.shape[:2]
@@ -49,4 +63,6 @@ def factory(settings) -> FakeEnhancer:
     gate = os.environ.get("FAKE_WEIGHTS")
     if gate and not Path(gate).exists():
         raise WeightsMissingError(f"weights missing: {gate} — run photoenhanced weights fetch", missing=["fake"])
-    return FakeEnhancer(delay=float(os.environ.get("FAKE_DELAY", "0")))
+    return FakeEnhancer(delay=float(os.environ.get("FAKE_DELAY", "0")),
+                        poison=os.environ.get("FAKE_POISON", "") not in ("", "0"),
+                        mark_delay=float(os.environ.get("FAKE_MARK_DELAY", "0")))

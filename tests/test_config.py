@@ -436,3 +436,92 @@ def test_hot_folder_names_are_normalised(tmp_path):
     cfg = parse(_raw(enhance={"folders": {"./p4": {"profile": "full"}, "x//y": {"upscale": 3}}}), tmp_path)
     assert cfg.enhance.for_path("p4/a.jpg") == ("full", 2.0, "p4")
     assert cfg.enhance.for_path("x/y/a.jpg") == ("faces", 3, "x/y")
+
+
+# --- overlap through symlinks and other paths to the same folder (device, inode) -------------------
+
+def test_an_archive_that_is_a_symlink_to_the_inbox_is_an_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "arch").symlink_to(tmp_path / "in")
+    msg = _one(tmp_path, _raw(), "folders.archive")
+    assert "overlaps folders.inbox" in msg and "another path" in msg
+
+
+def test_an_outbox_symlinked_into_the_inbox_is_an_error(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "in" / "sub")
+    assert "overlaps folders.inbox" in _one(tmp_path, _raw(), "folders.outbox")
+
+
+def test_a_folder_below_a_symlinked_parent_that_does_not_exist_yet_is_an_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    raw = _raw(folders={"inbox": "in", "outbox": "o", "failed": "link/not-yet/failed", "archive": "a"})
+    assert "overlaps folders.inbox" in _one(tmp_path, raw, "folders.failed")
+
+
+def test_an_inbox_inside_the_outbox_through_a_symlink_is_an_error(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in").symlink_to(tmp_path / "out" / "incoming")   # dangling now, inside later
+    (tmp_path / "out" / "incoming").mkdir()
+    assert "overlaps folders.inbox" in _one(tmp_path, _raw(), "folders.outbox")
+
+
+def test_a_state_dir_inside_the_inbox_through_a_symlink_is_an_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "var").symlink_to(tmp_path / "in")
+    msg = _one(tmp_path, _raw(state_dir="var/state"), "state_dir")
+    assert "must not overlap folders.inbox" in msg
+
+
+def test_weights_inside_the_inbox_through_a_symlink_is_an_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "w").symlink_to(tmp_path / "in")
+    assert "inside folders.inbox" in _one(tmp_path, _raw(weights_dir="w"), "weights_dir")
+
+
+def test_a_bind_mount_of_the_inbox_is_the_same_folder(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "mnt").mkdir()
+    r = subprocess.run(["mount", "--bind", str(tmp_path / "in"), str(tmp_path / "mnt")], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot bind-mount (needs root): {r.stderr.strip()}")
+    try:
+        raw = _raw(folders={"inbox": "in", "outbox": "mnt/out", "failed": "f", "archive": "a"})
+        assert "overlaps folders.inbox" in _one(tmp_path, raw, "folders.outbox")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], check=True)
+
+
+def test_separate_folders_linked_from_elsewhere_are_fine(tmp_path):
+    for d in ("real-in", "real-out", "f", "a"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "in").symlink_to(tmp_path / "real-in")
+    (tmp_path / "out").symlink_to(tmp_path / "real-out")
+    cfg = parse(_raw(folders={"inbox": "in", "outbox": "out", "failed": "f", "archive": "a"}), tmp_path)
+    assert cfg.folders.inbox == tmp_path / "in"
+
+
+def test_symlinked_overlap_exits_78_on_check_and_on_start(tmp_path):
+    path = write_config(tmp_path)
+    (tmp_path / "archive").symlink_to(tmp_path / "inbox")
+    r = _check_config(path)
+    assert r.returncode == 78 and "folders.archive" in r.stderr and "folders.inbox" in r.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NOTIFY_SOCKET", None)
+    r = subprocess.run([PY, "-m", "watcher.cli", "--config", str(path), "run"], capture_output=True, text=True,
+                       env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 78 and "folders.archive" in r.stderr + r.stdout
+    assert not (tmp_path / "state" / "queue.sqlite3").exists()
+
+
+# --- jobs.max_interruptions ---------------------------------------------------------------------
+
+def test_max_interruptions_default_and_bounds(tmp_path):
+    assert parse(_raw(), tmp_path).jobs.max_interruptions == 3
+    assert parse(_raw(jobs__max_interruptions=1), tmp_path).jobs.max_interruptions == 1
+    assert parse(_raw(jobs__max_interruptions=100000), tmp_path).jobs.max_interruptions == 100000
+    for bad in (0, -1, 2.5, "3", True):
+        assert "jobs.max_interruptions" in _one(tmp_path, _raw(jobs__max_interruptions=bad),
+                                                "jobs.max_interruptions")
+    assert "max_interruptions" in _one(tmp_path, _raw(jobs__max_interuptions=3), "jobs.max_interuptions")

@@ -45,7 +45,9 @@ def test_duplicates_switch_off_recomputes(tmp_path, daemon_factory):
     make_jpeg(tmp_path / "inbox" / "b.jpg", seed=4)
     wait_for((tmp_path / "outbox" / "b.jpg.json").exists, 20, what="b")
     side = json.loads((tmp_path / "outbox" / "b.jpg.json").read_text())
-    assert "duplicate_of" not in side and side["timings_ms"]["decode"] >= 0
+    assert "duplicate_of" not in side
+    assert side["timings_ms"]["upscale"] == 1.0 and "decode" in side["timings_ms"]   # the enhancer ran again
+    assert side["models"] == [{"name": "fake-nearest", "sha256": "0" * 64, "source": "test"}]
     assert d.stop() == 0
 
 

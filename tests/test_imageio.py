@@ -57,8 +57,8 @@ def test_every_format_round_trips_in_its_own_format(tmp_path, ext, fmt, kw, tol)
     src = gradient(48, 32)
     path = save(tmp_path / f"a.{ext}", Image.fromarray(src), fmt, **kw)
     info = imageio.probe(path, LIM)
-    assert (info.format, info.width, info.height, info.pages, info.animated) == \
-        (fmt, 48, 32, 1, False)
+    assert (info.format, info.width, info.height, info.pages) == \
+        (fmt, 48, 32, 1)
     dec = imageio.decode(path, LIM)
     page = dec.pages[0]
     assert page.rgb.dtype == np.float32 and page.rgb.shape == (32, 48, 3)
@@ -91,7 +91,7 @@ def test_output_format_configured_and_still_gif():
 def test_still_gif_decodes_and_is_written_as_png(tmp_path):
     path = save(tmp_path / "still.gif", Image.fromarray(gradient(20, 10)).convert("P"), "GIF")
     info = imageio.probe(path, LIM)
-    assert info.format == "GIF" and not info.animated
+    assert info.format == "GIF" and info.pages == 1
     dec = imageio.decode(path, LIM)
     assert dec.palette and dec.pages[0].rgb.shape == (10, 20, 3)
     fmt, ext = imageio.output_format(info.format, "same")
@@ -104,7 +104,7 @@ def test_mpo_jpeg_from_a_phone_is_read_as_a_single_jpeg(tmp_path):
     a.save(path, "MPO", save_all=True, append_images=[b])
     assert Image.open(path).format == "MPO"
     info = imageio.probe(path, LIM)
-    assert (info.format, info.pages, info.animated) == ("JPEG", 1, False)
+    assert (info.format, info.pages) == ("JPEG", 1)
     assert imageio.decode(path, LIM).pages[0].rgb.shape == (30, 40, 3)
 
 
@@ -325,7 +325,7 @@ def test_multipage_tiff_every_page_decoded_and_written(tmp_path):
     path = save(tmp_path / "m.tif", ims[0], "TIFF", save_all=True, append_images=ims[1:],
                 compression="tiff_lzw")
     info = imageio.probe(path, LIM)
-    assert info.pages == 3 and not info.animated
+    assert info.pages == 3 and info.page_sizes == ((10, 8), (11, 8), (12, 8))
     dec = imageio.decode(path, LIM)
     assert [p.rgb.shape for p in dec.pages] == [(8, 10, 3), (8, 11, 3), (8, 12, 3)]
     assert [tuple(to_u8(p.rgb)[0, 0]) for p in dec.pages] == colours
@@ -391,16 +391,16 @@ def test_decompression_bomb_is_refused_never_decoded(tmp_path, limit_mp):
 
 
 def test_output_scale_is_capped_by_max_output_megapixels():
-    info = imageio.Info("JPEG", 4000, 3000, 1, False, "RGB")       # 12 MP
+    info = imageio.Info("JPEG", 4000, 3000, 1, "RGB")       # 12 MP
     assert imageio.output_scale(info, 2, Limits()) == 2.0          # 48 MP <= 64
     s = imageio.output_scale(info, 4, Limits())                    # 192 MP > 64
     assert 2.0 < s < 2.31 and round(4000 * s) * round(3000 * s) <= 64e6
-    huge = imageio.Info("JPEG", 10000, 8000, 1, False, "RGB")      # 80 MP
+    huge = imageio.Info("JPEG", 10000, 8000, 1, "RGB")      # 80 MP
     assert imageio.output_scale(huge, 2, Limits()) == 1.0
 
 
 def test_output_scale_keeps_within_the_formats_longest_side(tmp_path):
-    pano = imageio.Info("WEBP", 5000, 600, 1, False, "RGB")         # ×4 = 20000×2400, 48 MP
+    pano = imageio.Info("WEBP", 5000, 600, 1, "RGB")         # ×4 = 20000×2400, 48 MP
     assert imageio.output_scale(pano, 4, Limits(), "PNG") == 4.0
     s = imageio.output_scale(pano, 4, Limits(), "WEBP")
     assert round(5000 * s) <= 16383 and s == 3.276

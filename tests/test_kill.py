@@ -22,7 +22,8 @@ from conftest import make_jpeg, wait_for, write_config
 def _campaign(tmp_path: Path, daemon_factory, cycles: int, seed: int) -> dict:
     rng = random.Random(seed)
     cfg = write_config(tmp_path, watch={"mode": "events", "settle_seconds": 0.1, "rescan_interval": 1},
-                       jobs={"max_attempts": 3, "backoff_seconds": [0.1], "stop_timeout": 2})
+                       jobs={"max_attempts": 3, "backoff_seconds": [0.1], "stop_timeout": 2,
+                             "max_interruptions": 1000})   # random kills are not a poison photo's
     inbox = tmp_path / "inbox"
     dropped: dict[str, str] = {}         # rel → sha256 of what was dropped
     n = 0

@@ -81,3 +81,26 @@ def test_journald_lines_carry_syslog_priorities(tmp_path):
     assert lines and all(l.startswith("<") for l in lines)
     err = [l for l in lines if l.startswith("<3>")]
     assert err and json.loads(err[0][3:])["event"] == "config.invalid"
+
+
+def test_a_hostile_name_never_injects_a_notify_field(tmp_path, daemon_factory):
+    """A file named with newlines and systemd field names is processed; its name reaches STATUS=
+    escaped, as one field, and no datagram carries a field it spelled."""
+    import os
+    from watcher import names
+    cfg = write_config(tmp_path)
+    sock = Sock(tmp_path / "notify.sock")
+    d = daemon_factory(cfg, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FAKE_DELAY": "1.5"})
+    sock.wait("READY=1")
+    name = "x\nWATCHDOG=trigger\nREADY=1\nSTATUS=pwned.jpg"
+    make_jpeg(tmp_path / "inbox" / name)
+    shown = names.display(name)
+    wait_for(lambda: any(f.startswith("STATUS=") and shown in f for f in sock.fields()), 30,
+             what="STATUS naming the photo")
+    wait_for(lambda: os.path.exists(tmp_path / "outbox" / (name + ".json")), 30, what="done")
+    assert d.stop() == 0
+    for m in sock.drain():
+        for f in m.split("\n"):
+            assert f not in ("WATCHDOG=trigger", "STATUS=pwned.jpg")
+            assert f.split("=", 1)[0] in ("READY", "STATUS", "WATCHDOG", "EXTEND_TIMEOUT_USEC", "STOPPING",
+                                          "RELOADING", "MONOTONIC_USEC"), f

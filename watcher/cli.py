@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import config as config_mod
-from .errors import ConfigError, InvalidTransition, UnknownJob
+from .errors import ConfigError, InvalidTransition, QueueCorrupt, StateUnavailable, UnknownJob
 
 EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownJob, InvalidTransition) as exc:
         print(f"photoenhanced: {exc}", file=sys.stderr)
         return EX_RUNTIME
+    except StateUnavailable as exc:
+        print(f"photoenhanced: the queue in {cfg.state_dir} cannot be used: {exc.reason}", file=sys.stderr)
+        return EX_RUNTIME
+    except QueueCorrupt as exc:
+        print(f"photoenhanced: the queue is damaged ({exc}); the daemon moves it aside and rebuilds it "
+              "from the folders at its next start", file=sys.stderr)
+        return EX_RUNTIME
     except KeyboardInterrupt:
         return 130
 
@@ -106,14 +113,25 @@ def cmd_check_config(cfg, args) -> int:
 
 
 def cmd_status(cfg, args) -> int:
+    from . import names
     from .daemon import StateLock
     running = StateLock.held(cfg.state_dir)
-    q = _queue(cfg)
-    counts = q.counts() if q else {"pending": 0, "running": 0, "done": 0, "failed": 0}
-    d = q.daemon() if q else None
-    if q:
-        q.close()
-    d = d or {}
+    counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+    d = None
+    try:
+        q = _queue(cfg)
+        if q:
+            try:
+                counts, d = q.counts(), q.daemon()
+            finally:
+                q.close()
+    except (StateUnavailable, QueueCorrupt) as exc:
+        print(f"photoenhanced: the queue cannot be read: {names.safe(str(exc))}", file=sys.stderr)
+    d = dict(d or {})
+    note = StateLock.read_note(cfg.state_dir) if running else None
+    if note and (note.get("updated") or 0) > (d.get("updated") or 0):
+        # newer than the queue's status row: the daemon could not write the queue (full state_dir …)
+        d.update(state=note.get("state"), reason=note.get("reason"), updated=note.get("updated"))
     state = d.get("state") if running else "stopped"
     out = {"daemon": {"running": running, "pid": d.get("pid") if running else None, "state": state,
                       "reason": d.get("reason") if running else None, "since": d.get("started"),
@@ -121,18 +139,22 @@ def cmd_status(cfg, args) -> int:
            "counts": counts, "current": d.get("current") if running else None,
            "metrics": d.get("metrics")}
     if getattr(args, "json", False):
-        print(json.dumps(out, indent=2))
+        cur = out["current"]
+        if isinstance(cur, dict) and isinstance(cur.get("path"), str):   # exact bytes as path_b64
+            out["current"] = {**cur, **names.fields(cur["path"])}
+        print(json.dumps(names.encodable(out), indent=2))
         return EX_OK
     dd = out["daemon"]
     if running:
         line = f"photoenhanced: running (pid {dd['pid']}), {dd['state']}"
         if dd["reason"]:
-            line += f": {dd['reason']}"
+            line += f": {names.safe(str(dd['reason']))}"
     else:
         line = "photoenhanced: not running"
     print(line)
     if out["current"]:
-        print(f"  now:     {out['current'].get('path')} ({out['current'].get('stage', '')})")
+        cur = out["current"]
+        print(f"  now:     {names.display(str(cur.get('path') or ''))} ({names.safe(str(cur.get('stage') or ''))})")
     print("  queue:   " + " · ".join(f"{counts[k]} {k}" for k in ("pending", "running", "done", "failed")))
     return EX_OK
 
@@ -141,26 +163,49 @@ def _fmt_t(t):
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
+def _public_json(row: dict) -> dict:
+    """A `list --json` row that is valid JSON for any name: `path` (and each output's `path`) in
+    names.display form with `path_b64` (the exact bytes) when they differ; `interruptions` passed
+    through when the queue has it; any other string holding undecodable bytes displayed."""
+    from . import names
+    out: dict = {}
+    for k, v in row.items():                      # keep the key order; path_b64 right after path
+        if k == "path" and isinstance(v, str):
+            out.update(names.fields(v))
+        else:
+            out[k] = v
+    row, outs = out, out.get("outputs")
+    if isinstance(outs, list):
+        row["outputs"] = [{**o, **names.fields(o["path"])} if isinstance(o, dict) and isinstance(o.get("path"), str)
+                          else o for o in outs]
+    return names.encodable(row)
+
+
 def cmd_list(cfg, args) -> int:
+    from . import names
     q = _queue(cfg)
     jobs = q.jobs(args.state, args.limit) if q else []
     if q:
         q.close()
     if args.json:
-        print(json.dumps([j.public() for j in jobs], indent=2))
+        print(json.dumps([_public_json(j.public()) for j in jobs], indent=2))
         return EX_OK
     for j in jobs:
-        extra = j.last_error or (j.outputs[0].get("path") if j.outputs else "") or ""
-        print(f"{j.id:6} {j.state:8} {j.attempts}  {_fmt_t(j.updated)}  {j.rel_path}  {extra}")
+        out0 = j.outputs[0].get("path") if j.outputs else None
+        extra = names.safe(j.last_error) if j.last_error else (names.display(str(out0)) if out0 else "")
+        print(f"{j.id:6} {j.state:8} {j.attempts}  {_fmt_t(j.updated)}  {names.display(j.rel_path)}  {extra}")
     if not jobs:
         print("no jobs")
     return EX_OK
 
 
 def cmd_retry(cfg, args) -> int:
-    from .publish import _link_or_rename, fsync_dir
+    from . import intake, names, safefs
+    from .publish import Publisher
     if not args.ids and not args.failed:
         raise UsageError("retry needs job ids or --failed")
+    f = cfg.folders
+    pub = Publisher(f.inbox, f.outbox, f.failed, f.archive, cfg.jobs.originals)
     q = _queue(cfg, readonly=False)
     try:
         ids = [j.id for j in q.jobs("failed")] if args.failed else args.ids
@@ -168,40 +213,40 @@ def cmd_retry(cfg, args) -> int:
             job = q.get(i)
             if job.state != "failed":
                 raise InvalidTransition(f"job {i} is {job.state}, not failed")
-            src = Path(job.outputs[0]["path"]) if job.outputs else None
-            dst = cfg.folders.inbox / job.rel_path
-            if src is not None and src.exists():
-                if os.path.lexists(dst):
-                    print(f"photoenhanced: job {i}: {dst} is taken by another file; move it first", file=sys.stderr)
+            src = job.outputs[0]["path"] if job.outputs else None
+            shown = names.display(job.rel_path)
+            try:
+                here = src is not None and pub._lstat(Path(src)) is not None
+                if here:
+                    pub.restore(src, job.rel_path)
+                elif safefs.lstat(f.inbox, job.rel_path) is None:
+                    print(f"photoenhanced: job {i}: the original is neither in failed/ nor in the inbox", file=sys.stderr)
                     return EX_RUNTIME
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    _link_or_rename(src, dst)
-                except OSError:
-                    import shutil
-                    shutil.copy2(src, dst)
-                    os.unlink(src)
-                fsync_dir(dst.parent)
-                q.retry(i)
-                side = Path(str(src) + ".json")
-                if side.exists():
-                    side.unlink()
-            elif os.path.lexists(dst):
-                q.retry(i)
-            else:
-                print(f"photoenhanced: job {i}: the original is neither in failed/ nor in the inbox", file=sys.stderr)
+            except FileExistsError:
+                print(f"photoenhanced: job {i}: {names.display(str(f.inbox / job.rel_path))} is taken by another "
+                      "file; move it first", file=sys.stderr)
                 return EX_RUNTIME
-            print(f"job {i}: pending again ({job.rel_path})")
+            except (OSError, ValueError) as exc:
+                print(f"photoenhanced: job {i}: cannot restore {names.display(str(src))}: "
+                      f"{names.safe(getattr(exc, 'strerror', None) or str(exc))}", file=sys.stderr)
+                return EX_RUNTIME
+            try:
+                file = intake.fingerprint(f.inbox, job.rel_path)
+            except OSError as exc:
+                print(f"photoenhanced: job {i}: {shown}: {names.safe(exc.strerror or str(exc))}", file=sys.stderr)
+                return EX_RUNTIME
+            q.retry(i, file=file)
+            print(f"job {i}: pending again ({shown})")
     finally:
         q.close()
     return EX_OK
 
 
 def cmd_enqueue(cfg, args) -> int:
-    import stat as stat_mod
-    from .publish import sha256_file
+    import time
+    from . import intake, names
     inbox = cfg.folders.inbox
-    items = []
+    rels = []
     for p in args.paths:
         given = Path(os.path.normpath(os.path.abspath(p)))
         for base in (inbox, inbox.resolve()):
@@ -211,24 +256,26 @@ def cmd_enqueue(cfg, args) -> int:
             except ValueError:
                 continue
         else:
-            raise UsageError(f"{p} is not inside the inbox {inbox}")
+            raise UsageError(f"{names.display(p)} is not inside the inbox {inbox}")
         if not rel.parts:
-            raise UsageError(f"{p} is the inbox itself, not a file in it")
-        cur = inbox
-        for part in rel.parent.parts:      # symlinks in the inbox are never followed
-            cur = cur / part
-            if os.path.islink(cur):
-                raise UsageError(f"{p} runs through a symlink ({cur}); symlinks in the inbox are never followed")
-        path = inbox / rel
-        st = os.lstat(path) if os.path.lexists(path) else None
-        if st is None or not stat_mod.S_ISREG(st.st_mode):
-            raise UsageError(f"{p} is not a regular file")
-        items.append((rel.as_posix(), path, st))
+            raise UsageError(f"{names.display(p)} is the inbox itself, not a file in it")
+        rels.append((p, rel.as_posix()))
     q = _queue(cfg, readonly=False)
     try:
-        for rel, path, st in items:
-            job = q.enqueue(rel, st.st_size, st.st_mtime_ns, sha256_file(path))
-            print(f"job {job.id}: queued {rel}" if job else f"{rel}: already queued")
+        for p, rel in rels:
+            t = intake.take(q, inbox, rel, time.time())
+            shown = names.display(rel)
+            if t.outcome == intake.QUEUED:
+                print(f"job {t.job.id}: queued {shown}")
+            elif t.outcome in (intake.ACTIVE, intake.BUSY):
+                print(f"{shown}: already queued (job {t.job.id})" if t.job else f"{shown}: already queued")
+            elif t.outcome == intake.REFUSED:
+                raise UsageError(f"{names.display(p)}: {t.reason}; symlinks and special files in the inbox are never followed")
+            elif t.outcome == intake.VANISHED:
+                raise UsageError(f"{names.display(p)} is not a regular file")
+            else:
+                print(f"photoenhanced: {shown}: {t.outcome} {names.safe(t.reason)}", file=sys.stderr)
+                return EX_RUNTIME
     finally:
         q.close()
     return EX_OK

@@ -83,6 +83,7 @@ class Jobs:
     originals: str = "archive"
     skip_duplicates: bool = True
     stop_timeout: float = 20.0
+    max_interruptions: int = 3        # runs cut short by the daemon's death before failed/ (interrupted)
 
     def backoff(self, attempts: int) -> float:
         seq = self.backoff_seconds or (0.0,)
@@ -277,9 +278,9 @@ SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Any]]] = {
                  "max_output_megapixels": 64.0, "models": None, "folders": ()}),
     "jobs": ({"max_attempts": _num(1, 100, integer=True), "backoff_seconds": _num_list,
               "originals": _enum("archive", "delete"), "skip_duplicates": _bool,
-              "stop_timeout": _num(0, 3600)},
+              "stop_timeout": _num(0, 3600), "max_interruptions": _num(1, integer=True)},
              {"max_attempts": 3, "backoff_seconds": (10.0, 60.0, 300.0), "originals": "archive",
-              "skip_duplicates": True, "stop_timeout": 20.0}),
+              "skip_duplicates": True, "stop_timeout": 20.0, "max_interruptions": 3}),
     "hooks": ({"on_done": _hook, "on_failed": _hook, "timeout": _num(0.1, 600), "retries": _num(0, 20, integer=True)},
               {"on_done": None, "on_failed": None, "timeout": 10.0, "retries": 2}),
     "log": ({"format": _enum("auto", "json", "text"), "level": _enum("debug", "info", "warning", "error")},
@@ -322,12 +323,41 @@ def _section(ctx: _Ctx, key: str, raw: Any, checks: dict[str, Check], defaults: 
 
 
 def _inside(a: Path, b: Path) -> bool:
-    """a is b or inside b."""
+    """a is b or inside b, comparing the paths as written (already absolute and normalised)."""
     try:
         a.relative_to(b)
         return True
     except ValueError:
         return False
+
+
+def _ident(p: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what p names, symlinks followed; None when it does not exist (yet)."""
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if st.st_ino else None
+
+
+def _inside_fs(a: Path, b: Path) -> bool:
+    """a is b or inside b on the file system: through a symlink anywhere in either path, a bind
+    mount or any other path to the same directory. Decided by (device, inode) of b against a and
+    each of a's existing ancestors (after resolving symlinks), plus the string comparison of both
+    the written and the resolved paths for what does not exist yet."""
+    real_a, real_b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    if _inside(a, b) or _inside(real_a, real_b):
+        return True
+    id_b = _ident(b)
+    if id_b is None:
+        return False
+    return any(_ident(q) == id_b for q in (real_a, *real_a.parents))
+
+
+def _via(a: Path, b: Path) -> str:
+    """A hint when the overlap is not visible in the paths as written."""
+    return "" if _inside(a, b) or _inside(b, a) else \
+        f" (the same folder by another path: {os.path.realpath(a)} and {os.path.realpath(b)})"
 
 
 def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
@@ -358,13 +388,13 @@ def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
         for kb, b in named[i + 1:]:
             if ka == "state_dir" or kb == "state_dir":
                 other, okey = (b, kb) if ka == "state_dir" else (a, ka)
-                if _inside(state_dir, other) or (okey == "inbox" and _inside(other, state_dir)):
-                    ctx.err("state_dir", f"must not overlap folders.{okey} ({other})")
+                if _inside_fs(state_dir, other) or (okey == "inbox" and _inside_fs(other, state_dir)):
+                    ctx.err("state_dir", f"must not overlap folders.{okey} ({other}){_via(state_dir, other)}")
                 continue
-            if _inside(a, b) or _inside(b, a):
-                ctx.err(f"folders.{kb}", f"overlaps folders.{ka} ({a} and {b}); each folder must be separate,"
-                        " or results would be picked up again")
-    if weights_dir and f.get("inbox") and _inside(weights_dir, f["inbox"]):
+            if _inside_fs(a, b) or _inside_fs(b, a):
+                ctx.err(f"folders.{kb}", f"overlaps folders.{ka} ({a} and {b}){_via(a, b)}; each folder must be"
+                        " separate, or results would be picked up again")
+    if weights_dir and f.get("inbox") and _inside_fs(weights_dir, f["inbox"]):
         ctx.err("weights_dir", f"must not be inside folders.inbox ({f['inbox']})")
     for key, p in named + ([("weights_dir", weights_dir)] if weights_dir else []):
         bad = _blocked_parent(p)

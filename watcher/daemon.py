@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 from collections import deque
 import os
 import signal
@@ -22,9 +23,10 @@ from .logs import say
 from .config import Config
 from .errors import ConfigError, LockedError
 from .notify import Notifier
-from .publish import sha256_file
-from .queue import Queue
-from .worker import Worker, recover
+from . import intake, names
+from .errors import QueueCorrupt, StateUnavailable
+from .queue import Queue, open_queue
+from .worker import Worker, reconcile
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +37,10 @@ STATUS_CHECK_S = 2.0          # … and looked at this often when nothing happen
 FOLDERS_EVERY_S = 5.0
 WEIGHTS_RETRY_S = 5.0
 LOAD_ERROR_RETRY_S = 30.0
+STORAGE_RETRY_S = 2.0         # a full/read-only state_dir is tried again this often
+RECHECK_S = 2.0               # a file waiting for the job at its path is looked at again this often
+UNREADABLE_RECHECK_S = 10.0   # a file we could not read (EACCES) is tried again this often
+_REBUILD = -1                 # _run's answer when the queue turned out corrupt
 
 
 def default_factory(settings):
@@ -43,7 +49,14 @@ def default_factory(settings):
 
 
 class StateLock:
-    """One daemon per state_dir: an flock on state_dir/daemon.lock, held for the process's life."""
+    """One daemon per state_dir: an flock on state_dir/daemon.lock, held for the process's life.
+
+    The file also carries the daemon's state in its first NOTE_BYTES (line 1: the pid; line 2: a
+    JSON object with state, reason, updated), preallocated at start and rewritten in place, so
+    `photoenhanced status` can still say why the daemon waits when the queue itself cannot be
+    written (a full or read-only state_dir)."""
+
+    NOTE_BYTES = 4096
 
     def __init__(self, state_dir: Path):
         self.path = state_dir / "daemon.lock"
@@ -54,17 +67,39 @@ class StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = os.pread(fd, 32, 0).decode(errors="replace").split("\n")[0].strip()
             os.close(fd)
             raise LockedError(f"another photoenhanced daemon (pid {pid or '?'}) is running on {self.path.parent}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        try:
+            os.posix_fallocate(fd, 0, self.NOTE_BYTES)
+        except OSError:
+            pass                      # a full disk: the note is written where it fits
+        self.note("starting", None)
+
+    def note(self, state: str, reason: str | None) -> None:
+        if self.fd is None:
+            return
+        body = f"{os.getpid()}\n" + json.dumps({"state": state, "reason": reason, "updated": time.time()})
+        data = body.encode()[: self.NOTE_BYTES - 1] + b"\n"
+        try:
+            os.pwrite(self.fd, data.ljust(self.NOTE_BYTES, b" "), 0)
+        except OSError:
+            pass                      # best effort: the status row in the queue is the main record
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    @staticmethod
+    def read_note(state_dir: Path) -> dict | None:
+        try:
+            with open(state_dir / "daemon.lock", "rb") as f:
+                lines = f.read(StateLock.NOTE_BYTES).decode(errors="replace").split("\n")
+            return json.loads(lines[1]) if len(lines) > 1 and lines[1].strip() else None
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def held(state_dir: Path) -> bool:
@@ -140,18 +175,26 @@ class Daemon:
         self.notifier = notifier
         self.models = ModelHolder(factory)
         self.stop = threading.Event()
+        self.halt = threading.Event()              # stop the worker thread only (queue rebuilt)
         self.reload_requested = threading.Event()
         self.wake = threading.Event()
         self.pending_cfg: Config | None = None
         self.folder_issues: dict[str, str] = {}
+        self.storage_problem: str | None = None    # the queue's own storage (full, read-only …)
+        self.corrupt: str | None = None            # a QueueCorrupt seen by either thread
+        self.needs_rebuild = False                 # the queue was moved aside: rebuild from the folders
+        self.crashed = False                       # the worker thread died: exit non-zero
+        self.reconcile_needed = threading.Event()
         self.ready_sent = False
         self.started = time.time()
         self.discovery = None
         self.worker: Worker | None = None
         self.metrics = None
         self.hooks = None
-        self._forgotten: deque[str] = deque()     # from the worker thread; drained by the main loop
+        self.lock: StateLock | None = None
+        self._forgotten: deque[tuple[str, bool]] = deque()   # from the worker thread; drained by the main loop
         self._enqueued = False
+        self._unreadable: dict[str, str] = {}      # rel → reason we logged (EACCES …), until it reads
 
     # --- signals: flags only ----------------------------------------------------------------
 
@@ -183,51 +226,141 @@ class Daemon:
     # --- the worker thread ------------------------------------------------------------------
 
     def _worker_loop(self) -> None:
-        q = Queue(self.cfg.queue_path)
-        self.worker.queue = q
         try:
-            while not self.stop.is_set():
-                if self.pending_cfg is not None:
-                    cfg, self.pending_cfg = self.pending_cfg, None
-                    self.worker.configure(cfg)
-                    self.worker.hooks = self.hooks
-                self.models.ensure(self.worker.cfg.enhancer_settings(), time.time())
-                self.worker.enhancer = self.models.enhancer
-                self.worker.enhancer_problem = self.models.problem
-                if self.stop.is_set():
-                    break
-                if self.folder_issues or self.models.enhancer is None:
-                    self.wake.wait(1.0)
-                    self.wake.clear()
+            q = Queue(self.cfg.queue_path)
+        except QueueCorrupt as exc:
+            self.corrupt = str(exc)
+            return
+        except StateUnavailable as exc:
+            self.storage_problem = exc.reason
+            q = None
+        self.worker.queue = q
+        started = False
+        try:
+            while not (self.stop.is_set() or self.halt.is_set()):
+                if q is None:                      # the state_dir could not even be opened
+                    self.wake.wait(STORAGE_RETRY_S)
+                    try:
+                        q = self.worker.queue = Queue(self.cfg.queue_path)
+                    except StateUnavailable:
+                        continue
+                try:
+                    if not started or self.reconcile_needed.is_set():
+                        if not self.folder_issues:
+                            self.reconcile_needed.clear()
+                            reconcile(self.worker, q, start=not started, now=time.time())
+                            started = True
+                        elif not started:          # folders unusable: only the crash recovery of rows
+                            q.requeue_running(time.time())
+                            started = True
+                            self.reconcile_needed.set()
+                    if self.pending_cfg is not None:
+                        cfg, self.pending_cfg = self.pending_cfg, None
+                        self.worker.configure(cfg)
+                        self.worker.hooks = self.hooks
+                    self.models.ensure(self.worker.cfg.enhancer_settings(), time.time())
+                    self.worker.enhancer = self.models.enhancer
+                    self.worker.enhancer_problem = self.models.problem
+                    if self.stop.is_set() or self.halt.is_set():
+                        break
+                    if self.folder_issues or self.models.enhancer is None or self.storage_problem:
+                        self.wake.wait(1.0)
+                        self.wake.clear()
+                        continue
+                    out = self.worker.run_once()
+                except StateUnavailable as exc:
+                    if self.storage_problem != exc.reason:
+                        log.error("state_dir.unusable", reason=exc.reason, error=str(exc), action="waiting")
+                    self.storage_problem = exc.reason
+                    self.wake.wait(STORAGE_RETRY_S)
                     continue
-                out = self.worker.run_once()
+                except QueueCorrupt as exc:
+                    self.corrupt = str(exc)
+                    return
                 if out is None or out.state == "deferred":
                     self.wake.wait(0.5)
                     self.wake.clear()
-        except Exception:
+        except BaseException:                      # a bug, or a library calling sys.exit(): loud
             log.exception("worker.crashed")
+            self.crashed = True
             self.stop.set()
         finally:
-            q.close()
+            if q is not None:
+                q.close()
 
     # --- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
         cfg = self.cfg
-        lock = StateLock(cfg.state_dir)
+        self.lock = lock = StateLock(cfg.state_dir)
         try:
             lock.acquire()
         except LockedError as exc:
             log.error("daemon.locked", reason=str(exc))
             say(f"photoenhanced: {exc}")
             return EX_RUNTIME
+        except OSError as exc:
+            log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror)
+            say(f"photoenhanced: state_dir {cfg.state_dir}: {exc.strerror}")
+            return EX_RUNTIME
         self.install_signals()
-        queue = Queue(cfg.queue_path)
         try:
-            return self._run(queue)
+            while True:
+                queue = self._open_queue()
+                if queue is None:
+                    return EX_OK                 # stopped while waiting for the state_dir
+                try:
+                    code = self._run(queue)
+                except QueueCorrupt as exc:
+                    self.corrupt = str(exc)
+                    code = _REBUILD
+                except Exception:
+                    log.exception("daemon.crashed")      # systemd restarts us (Restart=on-failure)
+                    sys.stdout.flush()
+                    os._exit(EX_RUNTIME)
+                if code != _REBUILD:
+                    queue.close()
+                    return code
+                self.needs_rebuild = True
+                try:
+                    queue.quarantine(time.time(), error=self.corrupt or "")
+                except StateUnavailable as exc:
+                    log.error("state_dir.unusable", reason=exc.reason, error=str(exc))
+                queue.close()
+                self.corrupt = None
+                self.halt.clear()
         finally:
-            queue.close()
             lock.release()
+
+    def _open_queue(self) -> Queue | None:
+        """The queue, moved aside and rebuilt from the folders when it is not a sound database;
+        waits (status and STATUS say why) while the state_dir cannot hold it."""
+        said = None
+        while not self.stop.is_set():
+            try:
+                queue, moved = open_queue(self.cfg.queue_path, now=time.time())
+                if moved is None and not self.needs_rebuild:
+                    return queue
+                self.needs_rebuild = True
+                from .rebuild import rebuild
+                f = self.cfg.folders
+                stats = rebuild(queue, f.outbox, f.failed, now=time.time())
+                log.error("queue.rebuilt", moved_to=str(moved) if moved else None, **stats)
+                self.needs_rebuild = False
+                return queue
+            except StateUnavailable as exc:
+                if said != exc.reason:
+                    log.error("state_dir.unusable", reason=exc.reason, error=str(exc), action="waiting")
+                    said = exc.reason
+                text = f"waiting: {exc.reason} ({self.cfg.state_dir}) — free space or fix permissions"
+                self.notifier.status(text)
+                if not self.ready_sent:
+                    self.notifier.ready(text)
+                    self.ready_sent = True
+                self.lock.note("waiting", exc.reason)
+                self.notifier.watchdog()
+                self.stop.wait(STORAGE_RETRY_S)
+        return None
 
     def _run(self, queue: Queue) -> int:
         cfg = self.cfg
@@ -238,8 +371,6 @@ class Daemon:
         self._make_extras(cfg, (queue.daemon() or {}).get("metrics"))
         self.worker = Worker(cfg, queue, hooks=self.hooks, metrics=self.metrics,
                              progress=self.notifier.watchdog, on_forget=self._forget)
-        if "outbox" not in self.folder_issues and "failed" not in self.folder_issues:
-            recover(self.worker, queue)
         self.discovery = self._make_discovery(cfg)
         log.info("daemon.started", pid=os.getpid(), config=str(self.cfg_path), state_dir=str(cfg.state_dir))
         thread = threading.Thread(target=self._worker_loop, name="worker", daemon=True)
@@ -248,36 +379,81 @@ class Daemon:
         status_text = ""
         last_current = None
         while not self.stop.is_set():
+            if self.corrupt is not None:
+                return self._halt_for_rebuild(thread)
+            if not thread.is_alive() and not self.halt.is_set():
+                log.error("worker.died", note="the worker thread ended on its own")
+                self.crashed = True
+                break
             now = time.time()
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self._reload(queue)
-            if now - last_folders >= FOLDERS_EVERY_S:
-                last_folders = now
-                self._check_folders()
-            self._discover(queue, now)
-            if not self.ready_sent and self.models.tried:
-                self.ready_sent = True
-                text = self._status(queue, now)[1]
-                self.notifier.ready(text)
-                log.info("daemon.ready", status=text)
-            elif not self.ready_sent:
-                self.notifier.extend_timeout(30)
-            if self.worker.current is None:
-                self.notifier.watchdog()        # during a job the worker pings, per step and per tile
-            current = self.worker.current
-            if now - last_check < STATUS_CHECK_S and current is last_current and not self._enqueued:
-                self.stop.wait(LOOP_S)
-                continue
-            last_check, last_current, self._enqueued = now, current, False
-            state, text, reason = self._status(queue, now)     # written at once when it changes
-            if text != status_text or now - last_status >= STATUS_EVERY_S:
+            try:
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self._reload(queue)
+                if now - last_folders >= FOLDERS_EVERY_S:
+                    last_folders = now
+                    self._check_folders()
+                if self.storage_problem is None:
+                    self._discover(queue, now)
+                if not self.ready_sent and self.models.tried:
+                    self.ready_sent = True
+                    text = self._status(queue, now)[1]
+                    self.notifier.ready(text)
+                    log.info("daemon.ready", status=text)
+                elif not self.ready_sent:
+                    self.notifier.extend_timeout(30)
+                if self.worker.current is None:
+                    self.notifier.watchdog()        # during a job the worker pings, per step and per tile
+                current = self.worker.current
+                if now - last_check < STATUS_CHECK_S and current is last_current and not self._enqueued:
+                    self.stop.wait(LOOP_S)
+                    continue
+                last_check, last_current, self._enqueued = now, current, False
+                state, text, reason = self._status(queue, now)     # written at once when it changes
+                if text != status_text or now - last_status >= STATUS_EVERY_S:
+                    self.notifier.status(text)
+                    self.lock.note(state, reason)
+                    metrics = self._write_metrics(queue, now)
+                    queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
+                    status_text, last_status = text, now
+                    if self.storage_problem is not None:
+                        log.info("state_dir.ok", was=self.storage_problem)
+                        self.storage_problem = None
+                        self.wake.set()
+            except StateUnavailable as exc:
+                if self.storage_problem != exc.reason:
+                    log.error("state_dir.unusable", reason=exc.reason, error=str(exc), action="waiting")
+                self.storage_problem = exc.reason
+                text = self._storage_status(queue)
                 self.notifier.status(text)
-                metrics = self._write_metrics(queue, now)
-                queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
-                status_text, last_status = text, now
+                self.lock.note("waiting", exc.reason)
+                status_text = text
+                self.stop.wait(STORAGE_RETRY_S)
+                continue
+            except QueueCorrupt as exc:
+                self.corrupt = str(exc)
+                continue
             self.stop.wait(LOOP_S)
-        return self._shutdown(queue, thread)
+        code = self._shutdown(queue, thread)
+        return EX_RUNTIME if self.crashed else code
+
+    def _halt_for_rebuild(self, thread: threading.Thread) -> int:
+        log.error("queue.corrupt_at_runtime", error=self.corrupt, action="moving it aside and rebuilding")
+        self.halt.set()
+        self.wake.set()
+        thread.join(self.cfg.jobs.stop_timeout)
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
+        if thread.is_alive():
+            log.error("daemon.stop_timeout", reason="worker busy while the queue was being rebuilt; restarting")
+            sys.stdout.flush()
+            os._exit(EX_RUNTIME)     # systemd restarts us; the next start finds and rebuilds the queue
+        return _REBUILD
+
+    def _storage_status(self, queue: Queue) -> str:
+        return f"waiting: {self.storage_problem} ({self.cfg.state_dir}) — the queue cannot be written; " \
+               "free space or fix permissions"
 
     def _shutdown(self, queue: Queue, thread: threading.Thread) -> int:
         self.notifier.stopping()
@@ -289,7 +465,11 @@ class Daemon:
         thread.join(self.cfg.jobs.stop_timeout)
         if self.hooks is not None:
             self.hooks.close(2.0)
-        queue.set_daemon(os.getpid(), "stopped", None, None)
+        self.lock.note("stopped", None)
+        try:
+            queue.set_daemon(os.getpid(), "stopped", None, None)
+        except (StateUnavailable, QueueCorrupt) as exc:
+            log.warning("daemon.status_not_written", error=str(exc))
         if thread.is_alive():
             cur = self.worker.current
             requeued = False
@@ -305,39 +485,58 @@ class Daemon:
             log.info("daemon.stopped", code=0)
             sys.stdout.flush()
             os._exit(EX_OK)     # the worker is mid-inference; its job is `running` → pending on restart
-        log.info("daemon.stopped", code=0)
-        return EX_OK
+        code = EX_RUNTIME if self.crashed else EX_OK
+        log.info("daemon.stopped", code=code)
+        return code
 
     # --- pieces of the loop -------------------------------------------------------------------
 
-    def _forget(self, rel: str) -> None:
-        self._forgotten.append(rel)      # Discovery is used from the main thread only
+    def _forget(self, rel: str, recheck: bool = False) -> None:
+        self._forgotten.append((rel, recheck))      # Discovery is used from the main thread only
 
     def _discover(self, queue: Queue, now: float) -> None:
         while self._forgotten:
-            self.discovery.forget(self._forgotten.popleft())
+            rel, recheck = self._forgotten.popleft()
+            self.discovery.forget(rel)
+            if recheck:
+                self.discovery.recheck(rel, RECHECK_S)
         try:
             found = self.discovery.poll(now)
         except Exception:
             log.exception("discover.error")
             return
+        inbox = self.cfg.folders.inbox
         for c in found:
-            if queue.active(c.rel) is not None:
-                continue
             try:
-                sha = sha256_file(c.path)
-                st = os.lstat(c.path)
-            except OSError as exc:
-                log.info("discover.vanished", path=c.rel, error=exc.strerror)
+                t = intake.take(queue, inbox, c.rel, now, expect=(c.size, c.mtime_ns), tick=self.notifier.watchdog)
+            except (StateUnavailable, QueueCorrupt):
+                self.discovery.recheck(c.rel, RECHECK_S)
+                raise
+            except Exception:                      # contained to this one file: looked at again later
+                log.exception("discover.intake_error", path=c.rel)
+                self.discovery.recheck(c.rel, UNREADABLE_RECHECK_S)
                 continue
-            if (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns):
-                self.discovery.forget(c.rel)     # changed while hashing: let it settle again
-                continue
-            job = queue.enqueue(c.rel, c.size, c.mtime_ns, sha, now)
-            if job is not None:
-                log.info("job.queued", job=job.id, path=c.rel, bytes=c.size)
+            if t.outcome != intake.UNREADABLE:
+                self._unreadable.pop(c.rel, None)
+            if t.outcome == intake.QUEUED:
+                log.info("job.queued", job=t.job.id, path=c.rel, bytes=t.size)
                 self._enqueued = True
                 self.wake.set()
+            elif t.outcome == intake.BUSY:
+                log.debug("discover.waiting_for_job", path=c.rel, job=t.job and t.job.id)
+                self.discovery.recheck(c.rel, RECHECK_S)
+            elif t.outcome == intake.CHANGED:
+                self.discovery.recheck(c.rel, 0)
+            elif t.outcome == intake.UNREADABLE:
+                if self._unreadable.get(c.rel) != t.reason:          # once per file and reason
+                    self._unreadable[c.rel] = t.reason
+                    log.warning("discover.unreadable_file", path=c.rel, reason=t.reason,
+                                action=f"looked at again every {UNREADABLE_RECHECK_S:g} s")
+                self.discovery.recheck(c.rel, UNREADABLE_RECHECK_S)
+            elif t.outcome == intake.REFUSED:
+                log.warning("discover.refused", path=c.rel, reason=t.reason)
+            elif t.outcome == intake.VANISHED:
+                log.info("discover.vanished", path=c.rel)
 
     def _check_folders(self) -> None:
         issues = config_mod.folder_problems(self.cfg)
@@ -350,6 +549,7 @@ class Daemon:
         for name in self.folder_issues.keys() - issues.keys():
             log.info("folders.ok", folder=name)
         if self.folder_issues and not issues:
+            self.reconcile_needed.set()            # half-done publishes finish now, not at the next start
             self.wake.set()
         self.folder_issues = issues
 
@@ -358,6 +558,8 @@ class Daemon:
         queued = counts["pending"] + counts["running"]
         disc_problem = getattr(self.discovery, "problem", None) if self.discovery else None
         reasons = list(self.folder_issues.values())
+        if self.storage_problem:
+            reasons.append(f"{self.storage_problem} ({self.cfg.state_dir})")
         if self.worker is not None and self.worker.folder_problem:
             reasons.append(self.worker.folder_problem)
         if self.models.enhancer is None and self.models.problem:
@@ -368,7 +570,7 @@ class Daemon:
         if cur is not None:
             n = self.worker.handled + 1
             faces = cur.get("faces")
-            text = f"enhancing {cur['path']} · {n} of {n + queued - 1}" + (f" · {faces} faces" if faces is not None else "")
+            text = f"enhancing {names.safe(cur['path'])} · {n} of {n + queued - 1}" + (f" · {faces} faces" if faces is not None else "")
             return "working", text, None
         if reasons:
             reason = "; ".join(dict.fromkeys(reasons))

@@ -24,6 +24,7 @@ Poll cost on big trees (scripts/bench-poll measures it):
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+from . import safefs
 
 log = structlog.get_logger(__name__)
 
@@ -298,6 +301,9 @@ class Discovery:
         self.last_scan: dict[str, Any] = {}
         self._forget_lock = threading.Lock()
         self._to_forget: list[str] = []
+        self._to_recheck: list[tuple[str, float]] = []
+        self._long_fds: list[int] = []  # folder descriptors of a listing deeper than PATH_MAX
+        self._recheck: dict[str, float] = {}  # rel → when to look at it again (monotonic, poll's clock)
 
     # ----------------------------------------------------------------- lifecycle
     def _resolve(self) -> None:
@@ -360,6 +366,13 @@ class Discovery:
         with self._forget_lock:
             self._to_forget.append(rel)
 
+    def recheck(self, rel: str, delay: float) -> None:
+        """Look at rel again in `delay` seconds, even if nothing says it changed: a file that
+        could not be read yet (EACCES), or one that waits for the earlier job at its path to end.
+        Safe from any thread."""
+        with self._forget_lock:
+            self._to_recheck.append((rel, delay))
+
     def _forget_now(self, rel: str) -> None:
         self._reported.pop(rel, None)
         self._settle.pop(rel, None)
@@ -379,10 +392,17 @@ class Discovery:
         now = time.monotonic() if now is None else now
         with self._forget_lock:
             forgotten, self._to_forget = self._to_forget, []
+            rechecks, self._to_recheck = self._to_recheck, []
         for rel in forgotten:
             self._forget_now(rel)
+        for rel, delay in rechecks:
+            self._recheck[rel] = now + delay
         if not self._check_inbox(now):
             return []
+        for rel in [r for r, due in self._recheck.items() if due <= now]:
+            del self._recheck[rel]
+            self._forget_now(rel)
+            self._look(rel, now)
         if self.effective_mode == "events" and self._started:
             if self._observer is not None and not self._observer.is_alive():
                 log.warning("discover.observer_died", inbox=str(self.inbox))
@@ -480,12 +500,24 @@ class Discovery:
         ok = self._parents_are_dirs(parent, memo)
         if ok:
             try:
-                ok = stat.S_ISDIR(os.lstat(os.path.join(self.inbox, parent)).st_mode)
+                ok = stat.S_ISDIR(self._lstat(parent).st_mode)
             except OSError:
                 ok = False
         if memo is not None:
             memo[parent] = ok
         return ok
+
+    def _lstat(self, rel: str) -> os.stat_result:
+        """lstat of inbox/rel; a path longer than PATH_MAX is walked from folder descriptors."""
+        try:
+            return os.lstat(os.path.join(self.inbox, rel))
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+        st = safefs.lstat(self.inbox, rel)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "gone", rel)
+        return st
 
     # ----------------------------------------------------------------- one path
     def _look(self, rel: str, now: float) -> None:
@@ -493,9 +525,8 @@ class Discovery:
         if not self._parents_are_dirs(rel):
             self._vanished(rel)
             return
-        abspath = os.path.join(self.inbox, rel)
         try:
-            st = os.lstat(abspath)
+            st = self._lstat(rel)
         except FileNotFoundError:
             self._vanished(rel)
             return
@@ -574,7 +605,7 @@ class Discovery:
             drel = stack.pop()
             dpath = os.path.join(self.inbox, drel) if drel else str(self.inbox)
             try:
-                st = os.lstat(dpath) if drel else os.stat(dpath)
+                st = self._lstat(drel) if drel else os.stat(dpath)
             except FileNotFoundError:
                 if drel:
                     self._vanished(drel)
@@ -618,8 +649,17 @@ class Discovery:
         old_files = old.files if old is not None and not full else {}
         stated = 0
         try:
-            with os.scandir(dpath) as it:
-                entries = list(it)
+            try:
+                with os.scandir(dpath) as it:
+                    entries = list(it)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                # deeper than PATH_MAX: list it from its own descriptor (closed when the listing is done)
+                dfd = safefs.open_dir(self.inbox, drel.split("/"))
+                self._long_fds.append(dfd)
+                with os.scandir(dfd) as it:
+                    entries = list(it)
         except FileNotFoundError:
             if drel:
                 self._vanished(drel)
@@ -673,6 +713,8 @@ class Discovery:
             trusted = self._trust_dir_mtime and (old.trusted or now - old.listed_at >= DIR_TRUST_MARGIN)
             new = _Dir(st.st_mtime_ns, old.listed_at, trusted, tuple(subdirs), files)
         self._dirs[drel] = new
+        while self._long_fds:
+            os.close(self._long_fds.pop())
         return new, stated
 
     # ----------------------------------------------------------------- settle
@@ -685,7 +727,7 @@ class Discovery:
                 continue
             abspath = os.path.join(self.inbox, rel)
             try:
-                st = os.lstat(abspath)
+                st = self._lstat(rel)
             except FileNotFoundError:
                 self._vanished(rel)
                 continue

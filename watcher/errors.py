@@ -26,10 +26,32 @@ class UnknownJob(WatcherError):
 class FolderError(WatcherError):
     """A folder problem (disk full, read-only, missing): not the photo's fault; the job waits."""
 
-    def __init__(self, message: str, folder: str = ""):
+    def __init__(self, message: str, folder: str = "", unsafe: bool = False):
         super().__init__(message)
         self.folder = folder
+        self.unsafe = unsafe        # a symlink planted below a folder: only this job waits, with backoff
 
 
 class LockedError(WatcherError):
     pass
+
+
+class QueueCorrupt(WatcherError):
+    """The queue file is not a database, is truncated or malformed. `open_queue`/`Queue.quarantine`
+    move it aside and a new queue is rebuilt from the folders."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path            # the queue file
+
+
+class StateUnavailable(WatcherError):
+    """The queue's storage cannot be used now (state_dir full, read-only, I/O error, cannot open,
+    busy past the busy timeout and the retries). Not the photo's fault: wait and try again.
+    `reason` is short and human ("state_dir full"); the transaction was rolled back."""
+
+    def __init__(self, reason: str, path: str = "", code: str | None = None, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.path = path            # the queue file
+        self.code = code            # SQLite's error name, e.g. "SQLITE_FULL", when known

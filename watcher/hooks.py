@@ -1,21 +1,34 @@
 """Completion hooks: tell the next step of a pipeline that a photo is done (or failed).
 
-A hook is a command (argv list: the sidecar JSON on stdin, paths in environment variables) or
-an http(s) URL (the sidecar JSON POSTed as application/json). Hooks never block or fail the
-queue: ``fire()`` only appends to a bounded queue that one daemon thread delivers from; when the
-queue is full the oldest notice is dropped (with a warning event). Failures are logged as
-``hook.failed`` events and counted; ``counts`` feeds the metrics.
+A hook is a command (an argv list, run as configured: no name is ever put on its command line) or
+an http(s) URL. Both get one JSON document: the sidecar, plus a ``hook`` object with the event and
+the exact paths as ``names.fields`` gives them — ``{"event", "input", "output", "sidecar"}`` in
+their ``names.display`` form, each with an ``…_b64`` twin (URL-safe base64 of the real bytes) when
+the display form differs from the path (a name with a newline, a backslash or invalid UTF-8). A
+command reads it on stdin; an URL gets it POSTed as application/json. A command also finds
+PHOTOENHANCED_EVENT and PHOTOENHANCED_INPUT / _OUTPUT / _SIDECAR in its environment, the paths
+there in their ``names.display`` form only (printable, one line; equal to the path for ordinary
+names): a script that needs the exact bytes of an unusual name reads the JSON.
+
+Hooks never block or fail the queue: ``fire()`` only appends to a bounded queue that one daemon
+thread delivers from, without waiting on that thread; when the queue is full the oldest notice is
+dropped (with a warning event). Nothing a hook does (a crash in delivery, a command that hangs or
+leaves children behind) escapes the delivery thread. Failures are logged as ``hook.failed`` events
+and counted; ``counts`` feeds the metrics.
 
 Delivery: up to ``1 + retries`` attempts with exponential backoff (0.5 s, 1 s, 2 s …), each
-bounded by ``timeout`` seconds. A command fails on a non-zero exit status, a timeout (it is
-killed) or when it cannot be started; an URL on a connection error, a timeout or a non-2xx
-answer. HTTP 4xx answers other than 408/429 are not retried (the request itself is wrong).
+bounded by ``timeout`` seconds. A command fails on a non-zero exit status, a timeout (it and its
+process group are killed) or when it cannot be started; an URL on a connection error, a timeout or
+a non-2xx answer. Redirects are never followed: a 3xx answer is a failed attempt (retried, then
+counted as failed) and the redirect target is never contacted. HTTP 4xx answers other than
+408/429 are not retried (the request itself is wrong).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -27,6 +40,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
+
+from . import names
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +57,24 @@ _STDERR_TAIL = 500
 
 class _Permanent(Exception):
     """A delivery error that a retry will not fix."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: the 3xx answer itself becomes an HTTPError (a failed attempt)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _body(sidecar: dict, hook: dict) -> bytes:
+    doc = {**sidecar, "hook": hook}
+    try:
+        return json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(names.encodable(doc), ensure_ascii=False, default=str).encode("utf-8")
 
 
 def _describe(target: Sequence[str] | str) -> str:
@@ -98,15 +131,20 @@ class Hooks:
             return dict(self._counts)
 
     def fire(self, event: str, sidecar: dict, paths: dict[str, str]) -> None:
-        """Queue a notice for the ``event`` hook ("done" or "failed"). Never blocks or raises."""
+        """Queue a notice for the ``event`` hook ("done" or "failed"). ``paths`` maps input, output,
+        sidecar to the paths as the filesystem gave them (any bytes). Never blocks or raises."""
         try:
             if self._targets.get(event) is None:
                 return
-            body = json.dumps(sidecar, ensure_ascii=False, default=str).encode("utf-8")
-            env = {ENV_EVENT: event,
-                   ENV_SIDECAR: str(paths.get("sidecar", "")),
-                   ENV_INPUT: str(paths.get("input", "")),
-                   ENV_OUTPUT: str(paths.get("output", ""))}
+            exact = {k: os.fsdecode(paths.get(k) or "") for k in ("input", "output", "sidecar")}
+            hook: dict[str, str] = {"event": event}
+            for k, v in exact.items():
+                hook.update(names.fields(v, k))
+            body = _body(sidecar, hook)
+            env = {ENV_EVENT: names.display(event),
+                   ENV_SIDECAR: names.display(exact["sidecar"]),
+                   ENV_INPUT: names.display(exact["input"]),
+                   ENV_OUTPUT: names.display(exact["output"])}
             with self._cond:
                 if self._closing:
                     self._counts["dropped"] += 1
@@ -166,15 +204,19 @@ class Hooks:
                     return
                 event, body, env = self._queue.popleft()
                 self._busy = True
+            ok = False
             try:
                 ok = self._deliver(event, body, env)
-            except Exception as exc:  # a bug in delivery must not kill the thread silently
-                log.error("hook.failed", hook_event=event, error=f"{type(exc).__name__}: {exc}")
-                ok = False
-            with self._cond:
-                self._counts["sent" if ok else "failed"] += 1
-                self._busy = False
-                self._cond.notify_all()
+            except Exception as exc:  # a bug in delivery ends this notice, never the thread
+                try:
+                    log.error("hook.failed", hook_event=event, error=f"{type(exc).__name__}: {exc}")
+                except Exception:
+                    pass
+            finally:
+                with self._cond:
+                    self._counts["sent" if ok else "failed"] += 1
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _deliver(self, event: str, body: bytes, env: dict[str, str]) -> bool:
         target = self._targets[event]
@@ -210,11 +252,14 @@ class Hooks:
             "Content-Type": "application/json", "User-Agent": "photoenhanced-hook",
             "X-Photoenhanced-Event": event})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 resp.read(65536)
                 status = resp.status
         except urllib.error.HTTPError as exc:
+            exc.close()
             msg = f"HTTP {exc.code} {exc.reason}"
+            if 300 <= exc.code < 400:
+                raise RuntimeError(f"{msg} (redirects are not followed)") from exc
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
                 raise _Permanent(msg) from exc
             raise RuntimeError(msg) from exc
@@ -222,14 +267,40 @@ class Hooks:
             raise RuntimeError(f"HTTP {status}")
 
     def _run_command(self, argv: Sequence[str], body: bytes, env: dict[str, str]) -> None:
+        """The command in a session of its own, so a timeout kills it with everything it started
+        (a child left holding the stderr pipe would otherwise hang this thread)."""
         try:
-            res = subprocess.run(list(argv), input=body, env={**os.environ, **env},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 timeout=self.timeout, check=False)
+            proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, env={**os.environ, **env},
+                                    start_new_session=True)
         except FileNotFoundError as exc:
             raise _Permanent(f"command not found: {argv[0]}") from exc
+        try:
+            _, err = proc.communicate(body, timeout=self.timeout)
         except subprocess.TimeoutExpired as exc:
+            _kill_group(proc)
+            try:
+                proc.communicate(timeout=2)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                pass
             raise RuntimeError(f"timed out after {self.timeout:g} s (killed)") from exc
-        if res.returncode != 0:
-            tail = res.stderr[-_STDERR_TAIL:].decode("utf-8", "replace").strip()
-            raise RuntimeError(f"exit status {res.returncode}" + (f": {tail}" if tail else ""))
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc)
+                proc.wait()
+            for pipe in (proc.stdin, proc.stderr):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
+        if proc.returncode != 0:
+            tail = names.safe((err or b"")[-_STDERR_TAIL:].decode("utf-8", "replace").strip())
+            raise RuntimeError(f"exit status {proc.returncode}" + (f": {tail}" if tail else ""))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            proc.kill()
+        except OSError:
+            pass

@@ -1,6 +1,13 @@
 """structlog set-up: one event per line with stable keys. JSON when not on a terminal (or asked),
 readable text on a terminal. Under journald (JOURNAL_STREAM names our stdout) each line starts
-with a `<N>` syslog priority so `journalctl -p warning` works."""
+with a `<N>` syslog priority so `journalctl -p warning` works.
+
+A log line is always exactly one line of valid UTF-8, whatever a file name holds: `escape_values`
+runs last before the renderer and passes every string in the event (keys, values, nested lists and
+dicts, paths, bytes, exception texts) through `names.safe` — control characters, newlines, lone
+surrogates (undecodable bytes of a name) become visible escapes. Log a name as
+`path=names.display(rel)` where it must be told apart exactly (a name with a backslash); a raw name
+is safe too, only not unambiguous. In text format a traceback stays on the event's line (escaped)."""
 from __future__ import annotations
 
 import logging
@@ -10,13 +17,16 @@ from typing import TextIO
 
 import structlog
 
+from . import names
+
 _PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal (stderr), besides the log event."""
-    sys.stderr.write(message + "\n")
+    """One line for the person at the terminal (stderr), besides the log event. Control characters
+    (a name's newline or escape sequence) are escaped (names.safe)."""
+    sys.stderr.write(names.safe(message) + "\n")
     sys.stderr.flush()
 
 
@@ -30,6 +40,38 @@ def under_journald(stream: TextIO, environ=os.environ) -> bool:
         return (st.st_dev, st.st_ino) == (dev, ino)
     except (ValueError, OSError, AttributeError):
         return False
+
+
+def _clean(v):
+    if isinstance(v, str):
+        return names.safe(v)
+    if isinstance(v, (bool, int, float)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {_clean(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_clean(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return names.safe(os.fsdecode(v))
+    if isinstance(v, (bytes, bytearray)):
+        return names.safe(os.fsdecode(bytes(v)))
+    if isinstance(v, BaseException):
+        return names.safe(f"{type(v).__name__}: {v}")
+    return v
+
+
+def escape_values(_, __, event_dict: dict) -> dict:
+    """structlog processor: every string of the event made single-line printable text (names.safe)."""
+    return {_clean(k): _clean(v) for k, v in event_dict.items()}
+
+
+def _inline_traces(_, __, event_dict: dict) -> dict:
+    """Text format: ConsoleRenderer prints `exception`/`stack` on lines of their own; keep them on the
+    event's line instead (escaped by escape_values) so one event stays one line."""
+    for key, new in (("exception", "traceback"), ("stack", "stack_trace")):
+        if key in event_dict:
+            event_dict[new] = event_dict.pop(key)
+    return event_dict
 
 
 def _prefix_priority(_, method: str, event: str) -> str:
@@ -48,6 +90,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.format_exc_info,
     ]
+    if fmt != "json":
+        procs.append(_inline_traces)
+    procs.append(escape_values)
     if fmt == "json":
         procs.append(structlog.processors.JSONRenderer(sort_keys=False))
         if journal:

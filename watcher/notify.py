@@ -4,6 +4,11 @@ The protocol is one AF_UNIX datagram of newline-separated `KEY=value` fields to 
 $NOTIFY_SOCKET (a path, or `@name` for the abstract namespace). Written out here rather than through
 `sdnotify` so the watchdog can be rate-limited and STATUS de-duplicated in one place; the wire format
 is the same.
+
+Every field is made one line before it is sent: systemd splits a datagram on `\n`, so a file name
+with a newline in STATUS= could otherwise inject `WATCHDOG=trigger` or `READY=1`. `send()` passes
+each field through `names.safe` (control characters, NUL, lone surrogates → visible escapes such as
+`\n`, `\x00`, `\xe9`) and cuts STATUS= to `STATUS_MAX` bytes (on a character boundary, with `…`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,23 @@ from collections.abc import Mapping
 
 import structlog
 
+from . import names
+
 log = structlog.get_logger(__name__)
+
+STATUS_MAX = 1000       # bytes of STATUS= text (systemd shows one line; keep datagrams small)
+
+
+def clean_field(field: str) -> str:
+    """One `KEY=value` field as it goes on the wire: a single printable line, STATUS capped."""
+    field = names.safe(field)
+    key, eq, value = field.partition("=")
+    if eq and key == "STATUS":
+        data = value.encode("utf-8")
+        if len(data) > STATUS_MAX:
+            value = data[:STATUS_MAX - 3].decode("utf-8", "ignore") + "…"
+        field = f"STATUS={value}"
+    return field
 
 
 class Notifier:
@@ -45,12 +66,12 @@ class Notifier:
         return self._sock is not None
 
     def send(self, *fields: str) -> None:
-        """One datagram with the given `KEY=value` fields. Errors are logged, never raised: a daemon
-        must not die because systemd went away."""
+        """One datagram with the given `KEY=value` fields, each made one line (clean_field). Errors
+        are logged, never raised: a daemon must not die because systemd went away."""
         if self._sock is None or not fields:
             return
         try:
-            self._sock.sendto("\n".join(fields).encode(), self._addr)
+            self._sock.sendto("\n".join(clean_field(f) for f in fields).encode("utf-8"), self._addr)
         except OSError as exc:
             log.warning("notify.failed", error=str(exc), fields=[f.split("=", 1)[0] for f in fields])
 

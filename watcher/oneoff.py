@@ -2,7 +2,7 @@
 never moved or changed; results and sidecars are written durably (temp name, fsync, rename)."""
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import sys
 import time
@@ -16,8 +16,9 @@ from enhancer.errors import EnhanceError, WeightsMissingError
 from .config import Config
 from .logs import say
 from .discover import READ_EXTENSIONS
-from .publish import Publisher, atomic_write, sha256_file
-from .worker import _DecodeFailed, prepare, render, versions, _iso
+from . import names, sidecar as sidecar_mod
+from .publish import Publisher, atomic_write
+from .worker import _DecodeFailed, prepare, render
 
 log = structlog.get_logger(__name__)
 
@@ -66,15 +67,16 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
     from tqdm import tqdm
     bar = tqdm(items, unit="photo", file=sys.stderr, disable=len(items) < 2 and not sys.stderr.isatty())
     for path, rel in bar:
-        bar.set_postfix_str(rel[-40:])
+        bar.set_postfix_str(names.safe(rel[-40:]))
         t0 = time.perf_counter()
         try:
-            prep = prepare(path, cfg, limits, enh_cfg.profile, enh_cfg.upscale, "", 1)
-            r = render(path, prep, enhancer, limits, cfg.enhance.jpeg_quality, lambda **_: None)
-        except (_DecodeFailed, EnhanceError) as exc:
+            data = path.read_bytes()
+            prep = prepare(data, path.name, cfg, limits, enh_cfg.profile, enh_cfg.upscale, "", 1)
+            r = render(data, path.name, prep, enhancer, limits, cfg.enhance.jpeg_quality, lambda **_: None)
+        except (_DecodeFailed, EnhanceError, OSError) as exc:
             err = exc.__cause__ if isinstance(exc, _DecodeFailed) else exc
             failures += 1
-            say(f"photoenhanced: {rel}: {getattr(err, 'kind', 'internal')}: {err}")
+            say(f"photoenhanced: {names.display(rel)}: {getattr(err, 'kind', 'internal')}: {names.safe(str(err))}")
             continue
         if single and not (dst.is_dir() or str(dst).endswith(os.sep)):
             out = dst
@@ -84,15 +86,15 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
                 out = Publisher.free_name(out.parent, out.name)
         r.timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
         st = path.stat()
-        sidecar = {"schema": 1, "status": "done", "job": None,
-                   "input": {"path": str(path), "bytes": st.st_size, "sha256": sha256_file(path), "width": prep.info.width,
-                             "height": prep.info.height, "format": prep.info.format, "pages": prep.info.pages},
-                   "profile": prep.eff["profile"], "params": {k: v for k, v in prep.eff.items() if k != "key"},
-                   "timings_ms": r.timings, "attempts": 1, "versions": versions(), "created": _iso(time.time()),
-                   **r.sidecar_extra}
+        sidecar = sidecar_mod.build("done", job=None, path=str(path), size=st.st_size,
+                                    sha256=hashlib.sha256(data).hexdigest(), now=time.time(), info=prep.info,
+                                    eff=prep.eff, timings=r.timings)
+        sidecar.update(r.sidecar_extra)
+        if r.notes:
+            sidecar["metadata_notes"] = r.notes
         sidecar["outputs"][0]["path"] = str(out)
         _write(out, r.data)
-        _write(Path(str(out) + ".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        _write(Path(str(out) + ".json"), sidecar_mod.render(sidecar))
         log.info("enhance.done", input=str(path), output=str(out), faces=r.faces, ms=r.timings["total"])
     bar.close()
     return 1 if failures else 0

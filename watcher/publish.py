@@ -12,12 +12,15 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
 import structlog
 
+from . import names, safefs
 from .errors import FolderError
 
 log = structlog.get_logger(__name__)
@@ -86,120 +89,204 @@ def _folder_error(exc: OSError, what: str, folder: str) -> FolderError:
     return FolderError(f"{folder} {reason}: cannot {what} ({exc.filename or ''})", folder)
 
 
+class PlanConflict(PlanBroken):
+    """A planned target name was taken by a file that is not ours before anything was placed:
+    the plan is dropped and made again with free names (the photo's problem, never a folder's)."""
+
+
 class Publisher:
-    """Knows the configured folders; every write goes below one of them."""
+    """Knows the configured folders; every write goes below one of them, every path is walked from
+    the folder's own descriptor without following links (`safefs`), at the moment of use."""
 
     def __init__(self, inbox: Path, outbox: Path, failed: Path, archive: Path | None, originals: str = "archive"):
         self.inbox, self.outbox, self.failed, self.archive = inbox, outbox, failed, archive
         self.originals = originals
         self.roots = {"outbox": outbox, "failed": failed, **({"archive": archive} if archive else {})}
+        # longest first, so that a root inside another (never allowed by config) could not mislead
+        self._all = sorted({"inbox": inbox, **self.roots}.items(), key=lambda kv: -len(str(kv[1])))
 
     # --- naming -----------------------------------------------------------------------------
 
     def _below(self, root: Path, rel: str) -> Path:
-        """root/rel, refusing a path that escapes root or runs through a symlinked folder (the
-        inbox is untrusted: a link to elsewhere must never make us move files from there)."""
-        target = Path(os.path.normpath(root / rel))
+        """root/rel for a plan (a string, resolved again at the moment of use). Refuses a path that
+        escapes root; the symlink checks happen when the path is used."""
+        try:
+            safefs.parts_of(rel)
+        except safefs.UnsafePath as exc:
+            raise ValueError(f"{names.display(rel)!r} escapes {root}: {exc.strerror}") from None
+        target = Path(os.path.normpath(root / rel)) if rel else root
         if target == root or root not in target.parents:
             raise ValueError(f"{rel!r} escapes {root}")
-        cur = root
-        for part in target.relative_to(root).parent.parts:
-            cur = cur / part
-            if os.path.islink(cur):
-                raise ValueError(f"{rel!r} runs through a symlink ({cur})")
-        return target
+        return Path(str(root) + "/" + rel)
+
+    def locate(self, path: str | Path) -> tuple[Path, str]:
+        """(root, relative path) of a path a plan names; ValueError when it is below no root."""
+        s = str(path)
+        for _, root in self._all:
+            prefix = str(root).rstrip("/") + "/"
+            if s.startswith(prefix) and len(s) > len(prefix):
+                return root, s[len(prefix):]
+        raise ValueError(f"{s!r} is not inside a configured folder")
 
     @staticmethod
-    def free_name(folder: Path, name: str, companions: Iterable[str] = (".json",),
-                  taken: set[Path] = frozenset()) -> Path:
-        """`name`, or `stem (1).ext`, `stem (2).ext` … : the first whose file and companions are free."""
+    def _numbered(name: str, n: int) -> str:
+        if n == 0:
+            return name
         stem, dot, ext = name.rpartition(".")
-        if not dot:
-            stem, ext = name, ""
+        return f"{stem} ({n}).{ext}" if dot and stem else f"{name} ({n})"
+
+    @classmethod
+    def _free_at(cls, fd: int | None, folder: Path, name: str, companions: Iterable[str],
+                 taken: set[Path]) -> str:
+        """The first of `name`, `stem (1).ext` … (each fitted to NAME_MAX with its companions) whose
+        file and companions are free in the folder (fd None: the folder does not exist yet)."""
+        companions = tuple(companions)
+        extra = max((len(os.fsencode(c)) for c in companions), default=0)
         n = 0
         while True:
-            cand = name if n == 0 else (f"{stem} ({n}).{ext}" if ext else f"{stem} ({n})")
-            p = folder / cand
-            if p not in taken and not os.path.lexists(p) and not any(
-                    os.path.lexists(folder / (cand + c)) for c in companions):
-                return p
+            cand = names.fit(cls._numbered(name, n), extra)
+            if folder / cand not in taken and (fd is None or (
+                    safefs.lstat_at(fd, cand) is None and all(safefs.lstat_at(fd, cand + c) is None for c in companions))):
+                return cand
             n += 1
+
+    @classmethod
+    def free_name(cls, folder: Path, name: str, companions: Iterable[str] = (".json",),
+                  taken: set[Path] = frozenset()) -> Path:
+        """`name`, or `stem (1).ext`, `stem (2).ext` … : the first whose file and companions are free
+        (names too long for NAME_MAX with their companions are shortened, see names.fit)."""
+        try:
+            fd = safefs.open_root(folder)
+        except FileNotFoundError:
+            fd = None
+        try:
+            return folder / cls._free_at(fd, folder, name, companions, taken)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _free_below(self, root: Path, rel_dir: str, name: str, companions: Iterable[str],
+                    taken: set[Path]) -> Path:
+        folder = root / rel_dir if rel_dir else root
+        try:
+            fd = safefs.open_dir(root, safefs.parts_of(rel_dir) if rel_dir else [])
+        except FileNotFoundError:
+            fd = None
+        try:
+            return folder / self._free_at(fd, folder, name, companions, taken)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     # --- temp files -------------------------------------------------------------------------
 
     def tmp_dir(self, root: Path) -> Path:
-        d = root / TMP_DIR
-        d.mkdir(exist_ok=True)
-        return d
+        fd = safefs.open_dir(root, [TMP_DIR], create=True)
+        os.close(fd)
+        return root / TMP_DIR
 
     def write_tmp(self, root: Path, data: bytes, tag: str, folder: str) -> Path:
+        name = f"{tag}-{uuid.uuid4().hex[:8]}"
         try:
-            tmp = self.tmp_dir(root) / f"{tag}-{uuid.uuid4().hex[:8]}"
-            write_synced(tmp, data)
-            fsync_dir(tmp.parent)
-            return tmp
+            fd = safefs.open_dir(root, [TMP_DIR], create=True)
+            try:
+                safefs.write_new_at(fd, name, data)
+                safefs.fsync_fd(fd)
+            finally:
+                os.close(fd)
+            return root / TMP_DIR / name
         except OSError as exc:
-            if "tmp" in locals():
-                _unlink_quiet(tmp)
             raise _folder_error(exc, "write a temp file", folder) from exc
 
     def clean_tmp(self, keep: set[str] = frozenset()) -> int:
-        """Start-up, after recovery: no temp file survives a restart (except those of plans that
-        could not finish yet, named in `keep`)."""
+        """No temp file survives a restart (except those of plans that could not finish yet, named
+        in `keep`). Removes below the hidden temp folders only, never through a link."""
         n = 0
         for root in self.roots.values():
-            d = root / TMP_DIR
-            if not d.is_dir() or d.is_symlink():
-                continue
-            for entry in os.scandir(d):
-                if entry.path in keep:
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                    n += 1
-                except OSError as exc:
-                    log.warning("publish.tmp_clean_failed", path=entry.path, error=exc.strerror)
+            try:
+                fd = safefs.open_dir(root, [TMP_DIR])
+            except OSError:
+                continue                 # missing, a link (never followed) or unreadable
+            try:
+                for entry in os.scandir(fd):
+                    if str(root / TMP_DIR / entry.name) in keep:
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.name, dir_fd=fd)
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+                        n += 1
+                    except OSError as exc:
+                        log.warning("publish.tmp_clean_failed", path=str(root / TMP_DIR / entry.name),
+                                    error=exc.strerror)
+            finally:
+                os.close(fd)
         return n
+
+    def discard(self, plan: dict) -> None:
+        """Remove the temp files of a plan that is being dropped (its placed files stay)."""
+        for step in plan.get("steps", []):
+            if step.get("op") == "place" and step.get("tmp"):
+                try:
+                    root, rel = self.locate(step["tmp"])
+                    with safefs.dir_of(root, rel) as (fd, name):
+                        os.unlink(name, dir_fd=fd)
+                except (OSError, ValueError):
+                    continue
 
     # --- plans ------------------------------------------------------------------------------
 
     def companions(self, src: Path) -> list[Path]:
         """`.xmp` sidecars that travel with a photo: IMG_001.xmp and IMG_001.jpg.xmp (any case)."""
+        try:
+            root, rel = self.locate(src)
+        except ValueError:
+            return []
+        rel_dir, _, name = rel.rpartition("/")
+        stem = name.rsplit(".", 1)[0].lower()
+        want = (stem + ".xmp", name.lower() + ".xmp")
         out = []
         try:
-            names = {e.name: e for e in os.scandir(src.parent)}
+            fd = safefs.open_dir(root, safefs.parts_of(rel_dir) if rel_dir else [])
         except OSError:
             return out
-        stem = src.name.rsplit(".", 1)[0]
-        for name, entry in names.items():
-            low = name.lower()
-            if low in (stem.lower() + ".xmp", src.name.lower() + ".xmp") and entry.is_file(follow_symlinks=False):
-                out.append(Path(entry.path))
+        try:
+            for entry in os.scandir(fd):
+                if entry.name.lower() in want and entry.is_file(follow_symlinks=False):
+                    out.append(src.parent / entry.name)
+        except OSError:
+            return out
+        finally:
+            os.close(fd)
         return sorted(out)
 
     def _original_steps(self, src: Path, rel: str, size: int, mtime_ns: int, dest_root: Path | None,
-                        folder: str, taken: set[Path], job_id: int) -> list[dict]:
-        ident = {"size": size, "mtime_ns": mtime_ns}
+                        folder: str, taken: set[Path], job_id: int, companions: Iterable[str] = (),
+                        ident: dict | None = None) -> list[dict]:
+        ident = {"size": size, "mtime_ns": mtime_ns, **(ident or {})}
         if dest_root is None:
             return [{"op": "delete", "src": str(src), **ident}]
-        dst = self.free_name(self._below(dest_root, rel).parent, src.name, (), taken)
+        self._below(dest_root, rel)
+        dst = self._free_below(dest_root, os.path.dirname(rel), src.name, companions, taken)
         taken.add(dst)
         tmp = dest_root / TMP_DIR / f"job{job_id}-orig-{uuid.uuid4().hex[:8]}"
         return [{"op": "move", "src": str(src), "dst": str(dst), "tmp": str(tmp), "folder": folder, **ident}]
 
     def plan_done(self, job_id: int, rel: str, size: int, mtime_ns: int, result: bytes, result_name: str,
-                  sidecar: dict) -> dict:
+                  sidecar: dict, reserved: Iterable[str] = (), ident: dict | None = None,
+                  render_sidecar=None) -> dict:
         """Write the result and sidecar to temp files (fsynced) and return the plan that places them,
-        then archives/deletes the original and its companions. `sidecar` gets `outputs[*].path`."""
+        then archives/deletes the original and its companions. `sidecar` gets `outputs[*].path`.
+        `reserved`: target paths planned by other unfinished jobs (never given out twice)."""
         src = self._below(self.inbox, rel)
         rel_dir = os.path.dirname(rel)
-        out_dir = self._below(self.outbox, os.path.join(rel_dir, "x")).parent
-        taken: set[Path] = set()
-        final = self.free_name(out_dir, result_name, (".json",), taken)
+        self._below(self.outbox, rel)
+        taken: set[Path] = {Path(p) for p in reserved}
+        final = self._free_below(self.outbox, rel_dir, result_name, (".json", ".xmp"), taken)
         taken.add(final)
+        if final.name != self._strip_number(final.name, result_name):
+            sidecar["original_name"] = result_name
         steps: list[dict] = []
         outputs = sidecar.setdefault("outputs", [{}])
         outputs[0]["path"] = str(final)
@@ -207,189 +294,311 @@ class Publisher:
         result_stem = final.name.rsplit(".", 1)[0]
         extra = []
         for comp in comps:
-            dst = self.free_name(out_dir, result_stem + ".xmp", (), taken)
+            dst = self._free_below(self.outbox, rel_dir, result_stem + ".xmp", (), taken)
             taken.add(dst)
             extra.append((comp, dst))
         sidecar["companions"] = [str(d) for _, d in extra]
+        render_sidecar = render_sidecar or _json_bytes
         written: list[Path] = []
         try:
             tmp_res = self.write_tmp(self.outbox, result, f"job{job_id}-result", "outbox")
             written.append(tmp_res)
-            body = (json.dumps(sidecar, indent=2, sort_keys=False) + "\n").encode()
-            tmp_side = self.write_tmp(self.outbox, body, f"job{job_id}-sidecar", "outbox")
+            tmp_side = self.write_tmp(self.outbox, render_sidecar(sidecar), f"job{job_id}-sidecar", "outbox")
             written.append(tmp_side)
             steps.append({"op": "place", "tmp": str(tmp_res), "dst": str(final), "folder": "outbox"})
             for comp, dst in extra:
                 try:
-                    data = _read_nofollow(comp)
+                    data = self._read(comp)
                 except OSError as exc:
-                    log.warning("publish.companion_unreadable", path=str(comp), error=exc.strerror)
+                    log.warning("publish.companion_unreadable", path=names.display(str(comp)), error=exc.strerror)
                     continue
                 tmp = self.write_tmp(self.outbox, data, f"job{job_id}-xmp", "outbox")
                 written.append(tmp)
                 steps.append({"op": "place", "tmp": str(tmp), "dst": str(dst), "folder": "outbox"})
         except BaseException:
             for t in written:
-                _unlink_quiet(t)
+                self.discard({"steps": [{"op": "place", "tmp": str(t)}]})
             raise
         steps.append({"op": "place", "tmp": str(tmp_side), "dst": str(final) + ".json", "folder": "outbox"})
         dest = self.archive if self.originals == "archive" else None
-        steps += self._original_steps(src, rel, size, mtime_ns, dest, "archive", set(), job_id)
+        steps += self._original_steps(src, rel, size, mtime_ns, dest, "archive", set(), job_id, ident=ident)
         for comp in comps:
-            st = _lstat(comp)
+            st = self._lstat(comp)
             if st is not None:
                 steps += self._original_steps(comp, os.path.join(rel_dir, comp.name), st.st_size, st.st_mtime_ns,
-                                              dest, "archive", set(), job_id)
+                                              dest, "archive", set(), job_id, ident={"ino": st.st_ino})
         return {"kind": "done", "steps": steps, "outputs": [str(final)], "sidecar": str(final) + ".json"}
 
-    def plan_failed(self, job_id: int, rel: str, size: int, mtime_ns: int, sidecar: dict) -> dict:
+    @classmethod
+    def _strip_number(cls, got: str, wanted: str) -> str:
+        """`got` if it is `wanted` or a numbered variant of it, else something else (shortened)."""
+        n = 0
+        while n < 100000:
+            if cls._numbered(wanted, n) == got:
+                return got
+            if n > 0 and not got.startswith(wanted.rpartition(".")[0] or wanted):
+                break
+            n += 1
+        return ""
+
+    def plan_failed(self, job_id: int, rel: str, size: int, mtime_ns: int, sidecar: dict,
+                    reserved: Iterable[str] = (), ident: dict | None = None, render_sidecar=None) -> dict:
         """The original (byte-identical) and its companions to failed/REL, then the sidecar beside it."""
         src = self._below(self.inbox, rel)
-        taken: set[Path] = set()
-        steps = self._original_steps(src, rel, size, mtime_ns, self.failed, "failed", taken, job_id)
+        taken: set[Path] = {Path(p) for p in reserved}
+        steps = self._original_steps(src, rel, size, mtime_ns, self.failed, "failed", taken, job_id,
+                                     companions=(".json",), ident=ident)
         final = Path(steps[0]["dst"])
+        if final.name != self._strip_number(final.name, src.name):
+            sidecar["original_name"] = src.name
         for comp in self.companions(src):
-            st = _lstat(comp)
+            st = self._lstat(comp)
             if st is not None:
                 steps += self._original_steps(comp, os.path.join(os.path.dirname(rel), comp.name), st.st_size,
-                                              st.st_mtime_ns, self.failed, "failed", taken, job_id)
+                                              st.st_mtime_ns, self.failed, "failed", taken, job_id,
+                                              companions=(".json",), ident={"ino": st.st_ino})
         sidecar["original"] = str(final)
-        body = (json.dumps(sidecar, indent=2) + "\n").encode()
-        tmp_side = self.write_tmp(self.failed, body, f"job{job_id}-sidecar", "failed")
+        tmp_side = self.write_tmp(self.failed, (render_sidecar or _json_bytes)(sidecar), f"job{job_id}-sidecar",
+                                  "failed")
         steps.append({"op": "place", "tmp": str(tmp_side), "dst": str(final) + ".json", "folder": "failed"})
         return {"kind": "failed", "steps": steps, "outputs": [str(final)], "sidecar": str(final) + ".json"}
+
+    def _lstat(self, p: Path) -> os.stat_result | None:
+        root, rel = self.locate(p)
+        return safefs.lstat(root, rel)
+
+    def _read(self, p: Path) -> bytes:
+        root, rel = self.locate(p)
+        with safefs.dir_of(root, rel) as (fd, name):
+            f, st = safefs.open_read_at(fd, name)
+            try:
+                return safefs.read_fd(f, st.st_size)
+            finally:
+                os.close(f)
+
+    def restore(self, failed_path: str, rel: str) -> None:
+        """`photoenhanced retry`: the original in failed/ back to inbox/rel, its failed sidecar
+        removed. Never follows a link (a symlink planted in failed/ is refused), never overwrites."""
+        root, frel = self.locate(failed_path)
+        if root != self.failed:
+            raise ValueError(f"{names.display(failed_path)} is not in failed/")
+        with safefs.dir_of(root, frel) as (sfd, sname):
+            st = safefs.lstat_at(sfd, sname)
+            if st is None:
+                raise FileNotFoundError(errno.ENOENT, "not in failed/", failed_path)
+            if not stat.S_ISREG(st.st_mode):
+                raise safefs.UnsafePath(f"{names.display(failed_path)} is not a regular file (a link is never followed)")
+            with safefs.dir_of(self.inbox, rel, create=True) as (dfd, dname):
+                if safefs.lstat_at(dfd, dname) is not None:
+                    raise FileExistsError(errno.EEXIST, "taken by another file", str(self.inbox / rel))
+                try:
+                    os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in _NO_LINK:
+                        raise
+                    tmp = f".photoenhanced-retry-{uuid.uuid4().hex[:8]}"    # hidden: never a candidate
+                    _copy_durable_at(sfd, sname, st, dfd, tmp)
+                    _link_or_rename_at(dfd, tmp, dfd, dname)
+                safefs.fsync_fd(dfd)
+            _unlink_at(sfd, sname, st)
+            side = safefs.lstat_at(sfd, sname + ".json")
+            if side is not None and stat.S_ISREG(side.st_mode):
+                _unlink_at(sfd, sname + ".json", side)
 
     # --- running a plan (idempotent) ----------------------------------------------------------
 
     def execute(self, plan: dict) -> None:
+        self._preflight(plan)
         first = True
         for step in plan["steps"]:
             try:
                 if step["op"] == "place":
-                    self._place(Path(step["tmp"]), Path(step["dst"]), first)
+                    self._place(step, first)
                 elif step["op"] == "move":
                     self._move(step)
                 elif step["op"] == "delete":
                     self._delete(step)
                 else:
                     raise ValueError(f"unknown publish step {step['op']!r}")
+            except safefs.UnsafePath as exc:
+                raise FolderError(f"{step.get('folder', 'inbox')}: {names.display(str(exc.strerror))}; "
+                                  "a symlink below a folder is never followed — remove it",
+                                  step.get("folder", "inbox"), unsafe=True) from exc
+            except PlanBroken:
+                raise
             except OSError as exc:
-                raise _folder_error(exc, f"{step['op']} {step.get('dst') or step.get('src')}",
+                if exc.errno == errno.EEXIST:
+                    raise PlanConflict(f"{names.display(str(exc.filename or ''))} was taken by another file "
+                                       "while publishing") from exc
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise PlanConflict(f"a name is too long: {names.display(str(exc.filename or ''))}") from exc
+                raise _folder_error(exc, f"{step['op']} {names.display(str(step.get('dst') or step.get('src')))}",
                                     step.get("folder", "inbox")) from exc
             first = False
 
-    def _place(self, tmp: Path, dst: Path, first: bool) -> None:
-        if not os.path.lexists(tmp):
-            if os.path.lexists(dst):
-                return                      # done before the crash
-            if first:
-                raise PlanBroken(f"temp file {tmp} is gone")
-            raise PlanBroken(f"neither {tmp} nor {dst} exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_rename(tmp, dst)
-        fsync_dir(dst.parent)
+    def _preflight(self, plan: dict) -> None:
+        """Before the first placement: every target still free (or already ours)? A foreign file
+        at a planned name makes the plan a PlanConflict before anything moved."""
+        for step in plan["steps"]:
+            if step["op"] != "place":
+                continue
+            try:
+                root, rel = self.locate(step["dst"])
+                dst = safefs.lstat(root, rel)
+                if dst is None:
+                    continue
+                troot, trel = self.locate(step["tmp"])
+                tmp = safefs.lstat(troot, trel)
+            except (OSError, ValueError):
+                return                      # let the steps themselves report it
+            if tmp is not None and not safefs.same_file(tmp, dst):
+                raise PlanConflict(f"{names.display(step['dst'])} is taken by another file")
+
+    def _place(self, step: dict, first: bool) -> None:
+        troot, trel = self.locate(step["tmp"])
+        droot, drel = self.locate(step["dst"])
+        with safefs.dir_of(troot, trel) as (tfd, tname):
+            tst = safefs.lstat_at(tfd, tname)
+            with safefs.dir_of(droot, drel, create=True) as (dfd, dname):
+                if tst is None:
+                    if safefs.lstat_at(dfd, dname) is not None:
+                        return                      # done before the crash
+                    if first:
+                        raise PlanBroken(f"temp file {names.display(step['tmp'])} is gone")
+                    raise PlanBroken(f"neither {names.display(step['tmp'])} nor {names.display(step['dst'])} exists")
+                _link_or_rename_at(tfd, tname, dfd, dname)
+                safefs.fsync_fd(dfd)
 
     def _move(self, step: dict) -> None:
-        src, dst, tmp = Path(step["src"]), Path(step["dst"]), Path(step["tmp"])
-        st = _lstat(src)
-        same = st is not None and st.st_size == step["size"] and st.st_mtime_ns == step["mtime_ns"]
-        if os.path.lexists(dst):
-            dst_st = os.lstat(dst)
-            ours = (dst_st.st_size, dst_st.st_mtime_ns) == (step["size"], step["mtime_ns"])
-            if not ours:
-                raise OSError(errno.EEXIST, "a different file took the planned name", str(dst))
-            if same:
-                _unlink(src)
-            _unlink_quiet(tmp)
-            return
-        if not same:
-            if os.path.lexists(tmp) and _lstat(tmp).st_size == step["size"]:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_rename(tmp, dst)       # the copy was complete and fsynced before the crash
-                fsync_dir(dst.parent)
-            else:
-                log.warning("publish.original_gone", path=str(src))
-            return
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in _NO_LINK:
-                raise
-            _copy_durable(src, tmp)
-            _link_or_rename(tmp, dst)
-        fsync_dir(dst.parent)
-        _unlink(src)
+        sroot, srel = self.locate(step["src"])
+        droot, drel = self.locate(step["dst"])
+        troot, trel = self.locate(step["tmp"])
+        with ExitStack() as stack:
+            sfd = sname = st = None
+            try:
+                sfd, sname = stack.enter_context(safefs.dir_of(sroot, srel))
+                st = safefs.lstat_at(sfd, sname)
+            except FileNotFoundError:
+                pass
+            except safefs.UnsafePath as exc:
+                log.warning("publish.original_unreachable", path=names.display(step["src"]), reason=exc.strerror)
+            same = st is not None and stat.S_ISREG(st.st_mode) and _ours(st, step)
+            dfd, dname = stack.enter_context(safefs.dir_of(droot, drel, create=True))
+            tfd, tname = stack.enter_context(safefs.dir_of(troot, trel, create=True))
+            dst_st = safefs.lstat_at(dfd, dname)
+            if dst_st is not None:
+                if not (stat.S_ISREG(dst_st.st_mode) and _ours(dst_st, step, ino=False)):
+                    raise OSError(errno.EEXIST, "a different file took the planned name", step["dst"])
+                if same:
+                    _unlink_at(sfd, sname, st)
+                _unlink_quiet_at(tfd, tname)
+                return
+            if not same:
+                tst = safefs.lstat_at(tfd, tname)
+                if tst is not None and tst.st_size == step["size"]:
+                    _link_or_rename_at(tfd, tname, dfd, dname)   # the copy was complete and fsynced
+                    safefs.fsync_fd(dfd)
+                else:
+                    log.warning("publish.original_gone", path=names.display(step["src"]))
+                return
+            try:
+                os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                _copy_durable_at(sfd, sname, st, tfd, tname)
+                _link_or_rename_at(tfd, tname, dfd, dname)
+            safefs.fsync_fd(dfd)
+            _unlink_at(sfd, sname, st)
 
     def _delete(self, step: dict) -> None:
-        src = Path(step["src"])
-        st = _lstat(src)
-        if st is not None and st.st_size == step["size"] and st.st_mtime_ns == step["mtime_ns"]:
-            _unlink(src)
+        root, rel = self.locate(step["src"])
+        try:
+            with safefs.dir_of(root, rel) as (fd, name):
+                st = safefs.lstat_at(fd, name)
+                if st is not None and stat.S_ISREG(st.st_mode) and _ours(st, step):
+                    _unlink_at(fd, name, st)
+        except FileNotFoundError:
+            return
+        except safefs.UnsafePath as exc:
+            log.warning("publish.original_unreachable", path=names.display(step["src"]), reason=exc.strerror)
 
 
-# --- small file helpers ------------------------------------------------------------------------
-
-def _lstat(p: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(p)
-    except FileNotFoundError:
-        return None
+def _ours(st: os.stat_result, step: dict, ino: bool = True) -> bool:
+    """The file the plan was made for: same size and mtime (and inode, when the plan knows it)."""
+    if (st.st_size, st.st_mtime_ns) != (step["size"], step["mtime_ns"]):
+        return False
+    return not ino or "ino" not in step or st.st_ino == step["ino"]
 
 
-def _unlink(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
+def _json_bytes(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+# --- small file helpers (all on folder descriptors) -----------------------------------------------
+
+def _unlink_at(fd: int, name: str, st: os.stat_result) -> None:
+    """Unlink `name` only while it is still the file `st` describes (never a file swapped in)."""
+    cur = safefs.lstat_at(fd, name)
+    if cur is None or not safefs.same_file(cur, st):
         return
-    fsync_dir(p.parent)
+    os.unlink(name, dir_fd=fd)
+    safefs.fsync_fd(fd)
 
 
-def _unlink_quiet(p: Path) -> None:
+def _unlink_quiet_at(fd: int, name: str) -> None:
     try:
-        os.unlink(p)
+        os.unlink(name, dir_fd=fd)
     except FileNotFoundError:
         return                      # already gone: what we wanted
     except OSError as exc:
-        log.warning("publish.unlink_failed", path=str(p), error=exc.strerror)
+        log.warning("publish.unlink_failed", path=names.display(name), error=exc.strerror)
 
 
-def _read_nofollow(p: Path) -> bytes:
-    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _link_or_rename(tmp: Path, dst: Path) -> None:
+def _link_or_rename_at(tfd: int, tname: str, dfd: int, dname: str) -> None:
     """Move tmp to dst without ever overwriting dst (link+unlink; rename where links don't exist)."""
     try:
-        os.link(tmp, dst, follow_symlinks=False)
+        os.link(tname, dname, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
     except FileExistsError:
-        if os.path.samefile(tmp, dst):      # linked before a crash, not yet unlinked
-            os.unlink(tmp)
+        a, b = safefs.lstat_at(tfd, tname), safefs.lstat_at(dfd, dname)
+        if a is not None and b is not None and safefs.same_file(a, b):   # linked before a crash
+            os.unlink(tname, dir_fd=tfd)
             return
-        raise OSError(errno.EEXIST, "target appeared while publishing", str(dst)) from None
+        raise OSError(errno.EEXIST, "target appeared while publishing", dname) from None
     except OSError as exc:
         if exc.errno not in _NO_LINK:
             raise
-        if os.path.lexists(dst):
-            raise OSError(errno.EEXIST, "target appeared while publishing", str(dst)) from None
-        os.rename(tmp, dst)
+        if safefs.lstat_at(dfd, dname) is not None:
+            raise OSError(errno.EEXIST, "target appeared while publishing", dname) from None
+        os.rename(tname, dname, src_dir_fd=tfd, dst_dir_fd=dfd)
         return
-    os.unlink(tmp)
+    os.unlink(tname, dir_fd=tfd)
 
 
-def _copy_durable(src: Path, tmp: Path) -> None:
-    tmp.parent.mkdir(exist_ok=True)
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+def _copy_durable_at(sfd: int, sname: str, st: os.stat_result, tfd: int, tname: str) -> None:
+    """Copy the original (still the file `st` describes) to a temp name, fsynced, mtime kept."""
+    f_in, got = safefs.open_read_at(sfd, sname)
     try:
-        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd_out, "wb") as out, os.fdopen(os.dup(fd_in), "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        st = os.fstat(fd_in)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if not safefs.same_file(got, st):
+            raise OSError(errno.ESTALE, "the original changed while it was being moved", sname)
+        try:
+            os.unlink(tname, dir_fd=tfd)
+        except FileNotFoundError:
+            pass
+        f_out = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                        dir_fd=tfd)
+        try:
+            while True:
+                b = os.read(f_in, 1 << 20)
+                if not b:
+                    break
+                view = memoryview(b)
+                while view:
+                    view = view[os.write(f_out, view):]
+            os.fsync(f_out)
+            os.utime(f_out, ns=(got.st_atime_ns, got.st_mtime_ns))
+        finally:
+            os.close(f_out)
     finally:
-        os.close(fd_in)
-    fsync_dir(tmp.parent)
+        os.close(f_in)
+    safefs.fsync_fd(tfd)

@@ -1,17 +1,17 @@
 """The worker loop: `run_once(now)` claims one job and runs small named steps
-(decode → enhance → encode → publish → record). No torch here: models come in through the
+(read → decode → enhance → encode → publish → record). No torch here: models come in through the
 enhancer interface (`enhancer.api.Enhancer`), pixels through `enhancer.imageio`.
+
+Every routing path is a named outcome (done, failed, retry, deferred, vanished, changed) and every
+step takes `now`, so each path is a millisecond test with a fake enhancer and a virtual clock.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import platform
-import stat
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -20,31 +20,20 @@ import structlog
 
 from enhancer import imageio
 from enhancer.api import Enhancer, Params
-from enhancer.errors import EnhanceError, PermanentError, TransientError, WeightsMissingError
+from enhancer.errors import EnhanceError, PermanentError, TooLargeError, TransientError, WeightsMissingError
+from . import names, safefs, sidecar as sidecar_mod
 from .config import Config
 from .errors import FolderError
-from .publish import PlanBroken, Publisher, sha256_file
+from .publish import PlanBroken, PlanConflict, Publisher
 from .queue import Job, Queue
+from .sidecar import iso as _iso, versions  # noqa: F401  (re-exported for callers)
 
 log = structlog.get_logger(__name__)
 
 FOLDER_RETRY_S = 5.0          # a folder problem is looked at again this often
 WEIGHTS_RETRY_S = 5.0
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("photoenhanced", "torch", "torchvision", "numpy", "pillow", "opencv-python-headless",
-                 "basicsr", "gfpgan", "realesrgan", "facexlib"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+UNSAFE_RETRY_S = 60.0         # a symlink planted below an output folder: this job only, looked at again
+MAX_REPLANS = 5               # names taken under us in a row before the job backs off
 
 
 @dataclass
@@ -57,14 +46,45 @@ class Outcome:
     timings_ms: dict = field(default_factory=dict)
 
 
+@dataclass
+class Source:
+    """The photo as read at the moment of use: its bytes and what fstat said of the open file."""
+    data: bytes
+    st: os.stat_result
+
+
+@dataclass
+class Finished:
+    """A result ready to publish (the hand-off from the render steps to publish/record)."""
+    data: bytes
+    result_name: str
+    sidecar: dict
+    eff: dict
+    out_info: dict
+    timings: dict
+    t0: float
+    duplicate_of: int | None = None
+    faces: int = 0
+    ino: int | None = None
+
+
 class _Changed(Exception):
     """The file changed after it settled (a stalled writer): back to settling."""
+
+
+class _Gone(Exception):
+    """The file is gone, unreadable or reached through a link: the job is dropped (discovery looks again)."""
+
+    def __init__(self, reason: str, recheck: bool = False):
+        super().__init__(reason)
+        self.recheck = recheck
 
 
 class Worker:
     def __init__(self, cfg: Config, queue: Queue, *, enhancer: Enhancer | None = None,
                  enhancer_problem: str | None = None, hooks=None, metrics=None,
-                 progress: Callable[[], None] | None = None, on_forget: Callable[[str], None] | None = None):
+                 progress: Callable[[], None] | None = None,
+                 on_forget: Callable[[str, bool], None] | None = None):
         self.cfg = cfg
         self.queue = queue
         self.enhancer = enhancer
@@ -72,14 +92,14 @@ class Worker:
         self.hooks = hooks
         self.metrics = metrics
         self._progress = progress or (lambda: None)
-        self.on_forget = on_forget or (lambda rel: None)
+        self.on_forget = on_forget or (lambda rel, recheck=False: None)
         self.current: dict | None = None
         self.folder_problem: str | None = None
         self.handled = 0               # jobs finished (done or failed) since start, for "3 of 17"
-        # A result whose publish hit a folder problem (disk full, read-only): kept so that the retry
-        # publishes it again instead of recomputing. One at a time: (job id, sha256, args).
-        self._held: tuple[int, str, tuple] | None = None
-        self._versions = versions()
+        # A result whose publish hit a folder problem or a name conflict: kept so that the next try
+        # publishes it again instead of recomputing. One at a time: (job id, sha256, Finished).
+        self._held: tuple[int, str, Finished] | None = None
+        self._replans: dict[int, int] = {}
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -104,214 +124,289 @@ class Worker:
         if job is None:
             return None
         self.current = {"job": job.id, "path": job.rel_path, "stage": "claim", "started": now}
-        log.info("job.started", job=job.id, path=job.rel_path, attempt=job.attempts + 1)
+        log.info("job.started", job=job.id, path=job.rel_path, attempt=job.attempts + 1,
+                 interruptions=job.interruptions)
         try:
-            out = self._guarded(job)
+            out = self._guarded(job, now)
+        except Exception as exc:
+            if _is_storage(exc):
+                raise
+            out = self._contain(job, exc, now)
         finally:
             self.current = None
         self.handled += out.state in ("done", "failed")
         if self.metrics is not None and out.state in ("done", "failed", "retry"):
-            self.metrics.outcome(out.state if out.state != "retry" else "retried")
+            dup = out.state == "done" and bool((out.sidecar or {}).get("duplicate_of"))
+            self.metrics.outcome("duplicate" if dup else out.state if out.state != "retry" else "retried")
         return out
 
-    def _guarded(self, job: Job) -> Outcome:
+    def _guarded(self, job: Job, now: float) -> Outcome:
         try:
             try:
-                return self._process(job)
+                limit = self.cfg.jobs.max_interruptions
+                if job.interruptions >= limit and not job.plan:
+                    return self._fail(job, "interrupted", _interrupted_message(job, limit), job.attempts, now)
+                return self._process(job, now)
             except _Changed:
-                self.queue.forget(job.id)
-                self.on_forget(job.rel_path)
-                log.info("job.changed", job=job.id, path=job.rel_path)
+                self._forget(job, "changed", "the file changed after it settled", recheck=True)
                 return Outcome(job.id, job.rel_path, "changed", "the file changed after it settled")
+            except _Gone as exc:
+                self._forget(job, "vanished", str(exc), recheck=exc.recheck)
+                return Outcome(job.id, job.rel_path, "vanished", str(exc))
             except PermanentError as exc:
-                return self._fail(job, exc.kind, str(exc), job.attempts + 1)
+                return self._fail(job, exc.kind, str(exc), job.attempts + 1, now)
             except WeightsMissingError as exc:
-                return self._defer(job, str(exc), WEIGHTS_RETRY_S)
-            except TransientError as exc:
-                return self._transient(job, exc.kind, str(exc))
+                return self._defer(job, str(exc), WEIGHTS_RETRY_S, now)
             except (FolderError, PlanBroken):
                 raise
-            except EnhanceError as exc:
-                return self._transient(job, exc.kind, str(exc))
-            except Exception as exc:  # a bug of ours or a library's: counted, never a loop
+            except EnhanceError as exc:               # TransientError and the rest of the enhancer's
+                return self._transient(job, exc.kind, str(exc), now)
+            except Exception as exc:
+                if _is_storage(exc):
+                    raise                             # the queue itself: the daemon decides
+                # a bug of ours or a library's: counted, never a loop
                 log.exception("job.internal_error", job=job.id, path=job.rel_path)
-                return self._transient(job, "internal", f"{type(exc).__name__}: {exc}")
+                return self._transient(job, "internal", f"{type(exc).__name__}: {names.safe(str(exc))}", now)
         except FolderError as exc:
+            if exc.unsafe:                            # a planted link: only this job waits
+                return self._defer(job, str(exc), UNSAFE_RETRY_S, now)
             self.folder_problem = str(exc)
-            return self._defer(job, str(exc), FOLDER_RETRY_S)
+            return self._defer(job, str(exc), FOLDER_RETRY_S, now)
+        except PlanConflict as exc:
+            self.publisher.discard(self.queue.get(job.id).plan or {})
+            self.queue.set_plan(job.id, None)
+            n = self._replans[job.id] = self._replans.get(job.id, 0) + 1
+            log.warning("publish.replan", job=job.id, path=job.rel_path, reason=str(exc), replans=n)
+            if n > MAX_REPLANS:
+                self._replans.pop(job.id, None)
+                return self._transient(job, "internal", f"publish names kept being taken: {exc}", now)
+            return self._defer(job, "a planned name was taken; planning again", 0, now)
         except PlanBroken as exc:
             log.warning("publish.plan_dropped", job=job.id, reason=str(exc))
             self.queue.set_plan(job.id, None)
-            return self._defer(job, "publish restarted", 0)
+            return self._defer(job, "publish restarted", 0, now)
 
-    def _defer(self, job: Job, reason: str, delay: float) -> Outcome:
-        self.queue.defer(job.id, reason, delay)
+    def _contain(self, job: Job, exc: Exception, now: float) -> Outcome:
+        """An error in the error handling itself (a bug): keep it to this job. It goes back to the
+        queue with an attempt counted and a long backoff; the daemon carries on with the others."""
+        log.exception("job.crashed", job=job.id, path=job.rel_path)
+        message = f"{type(exc).__name__}: {names.safe(str(exc))}"
+        cur = self.queue.get(job.id)
+        if cur.state != "running":
+            return Outcome(job.id, job.rel_path, cur.state, message)
+        if cur.plan:
+            self.publisher.discard(cur.plan)
+            self.queue.set_plan(job.id, None)
+        delay = max(self.cfg.jobs.backoff(cur.attempts + 1), UNSAFE_RETRY_S)
+        self.queue.retry_later(job.id, "internal", message, delay, now)
+        log.error("job.stuck", job=job.id, path=job.rel_path, error=message, delay_s=delay)
+        return Outcome(job.id, job.rel_path, "retry", message)
+
+    def _forget(self, job: Job, event: str, reason: str, recheck: bool) -> None:
+        self.queue.forget(job.id)
+        self.on_forget(job.rel_path, recheck)
+        log.warning(f"job.{event}", job=job.id, path=job.rel_path, reason=reason)
+
+    def _defer(self, job: Job, reason: str, delay: float, now: float) -> Outcome:
+        self.queue.defer(job.id, reason, delay, now)
         log.warning("job.waiting", job=job.id, path=job.rel_path, reason=reason)
         return Outcome(job.id, job.rel_path, "deferred", reason)
 
-    def _transient(self, job: Job, kind: str, message: str) -> Outcome:
+    def _transient(self, job: Job, kind: str, message: str, now: float) -> Outcome:
         attempts = job.attempts + 1
         if attempts >= self.cfg.jobs.max_attempts:
-            return self._fail(job, kind, f"{message} (after {attempts} attempts)", attempts)
+            return self._fail(job, kind, f"{message} (after {attempts} attempts)", attempts, now)
         delay = self.cfg.jobs.backoff(attempts)
-        self.queue.retry_later(job.id, kind, message, delay)
+        self.queue.retry_later(job.id, kind, message, delay, now)
         log.warning("job.retry", job=job.id, path=job.rel_path, kind=kind, error=message,
                     attempt=attempts, delay_s=delay)
         return Outcome(job.id, job.rel_path, "retry", message)
 
     # --- steps --------------------------------------------------------------------------------
 
-    def _process(self, job: Job) -> Outcome:
+    def _process(self, job: Job, now: float) -> Outcome:
         if job.plan:                                   # a publish that stopped half-way: finish it
-            return self.complete_plan(job)
-        src = self.cfg.folders.inbox / job.rel_path
-        job = self._check_source(job, src)
-        if job is None:
-            return Outcome(-1, "", "vanished")
+            return self.complete_plan(job, now=now)
+        job, src = self._read(job)
+        leftover = self._leftover(job, src, now)
+        if leftover is not None:
+            return leftover
         if self._held is not None and self._held[:2] == (job.id, job.sha256):
             log.info("job.publish_again", job=job.id, path=job.rel_path)
-            return self._publish_done(job, *self._held[2])
+            return self._publish_done(job, self._held[2], now)
         t0 = time.perf_counter()
         profile, upscale, hot = self.cfg.enhance.for_path(job.rel_path)
+        name = job.rel_path.rpartition("/")[2]
         self.progress(stage="decode")
         try:
-            prep = prepare(src, self.cfg, self.limits, profile, upscale, hot, job.attempts + 1)
+            prep = prepare(src.data, name, self.cfg, self.limits, profile, upscale, hot, job.attempts + 1,
+                           tick=self.progress)
         except PermanentError:
-            self._changed_since(job, src)
+            self._changed_since(job)
             raise
         if self.cfg.jobs.skip_duplicates:
-            dup = self._duplicate(job, prep, t0)
+            dup = self._duplicate(job, src, prep, t0, now)
             if dup is not None:
                 return dup
         if self.enhancer is None:
             raise WeightsMissingError(self.enhancer_problem or "models not loaded yet")
         try:
-            r = render(src, prep, self.enhancer, self.limits, self.cfg.enhance.jpeg_quality, self.progress)
+            r = render(src.data, name, prep, self.enhancer, self.limits, self.cfg.enhance.jpeg_quality,
+                       self.progress)
         except _DecodeFailed as exc:
-            self._changed_since(job, src)
+            self._changed_since(job)
             raise exc.__cause__ from None
-        sidecar = self._sidecar(job, "done", prep.info, prep.eff, r.timings, t0)
-        sidecar.update(r.sidecar_extra)
-        return self._publish_done(job, r.data, prep.result_name, sidecar, prep.eff, r.out_info, r.timings, t0,
-                                  faces=r.faces)
+        sc = self._sidecar(job, "done", now, prep.info, prep.eff, r.timings)
+        sc.update(r.sidecar_extra)
+        if r.notes:
+            sc["metadata_notes"] = r.notes
+        return self._publish_done(job, Finished(r.data, prep.result_name, sc, prep.eff, r.out_info, r.timings,
+                                                t0, faces=r.faces, ino=src.st.st_ino), now)
 
-    def _check_source(self, job: Job, src: Path) -> Job | None:
+    def _read(self, job: Job) -> tuple[Job, Source]:
+        """The photo, read once through a safe open, and checked against what was queued."""
+        inbox = self.cfg.folders.inbox
         try:
-            st = os.lstat(src)
+            with safefs.dir_of(inbox, job.rel_path) as (dfd, name):
+                fd, st = safefs.open_read_at(dfd, name)
+                try:
+                    if st.st_size > self.limits.max_bytes:
+                        raise TooLargeError(f"{names.safe(name)} has {st.st_size} bytes, over the limit of "
+                                            f"{self.limits.max_bytes} bytes")
+                    data = safefs.read_fd(fd, self.limits.max_bytes)
+                finally:
+                    os.close(fd)
+        except safefs.UnsafePath:
+            raise _Gone("reached through a symlink: never followed") from None
         except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
-            self.queue.forget(job.id)
-            self.on_forget(job.rel_path)
-            log.warning("job.vanished", job=job.id, path=job.rel_path,
-                        reason="gone" if st is None else "no longer a regular file")
-            return None
-        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
-            sha = sha256_file(src)
-            self.queue.update_file(job.id, st.st_size, st.st_mtime_ns, sha)
-            job = self.queue.get(job.id)
-        return job
+            raise _Gone("gone") from None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise _Gone("no longer a regular file") from None
+            raise _Gone(f"unreadable: {exc.strerror}", recheck=True) from None
+        if (len(data), st.st_mtime_ns) != (job.size, job.mtime_ns) or hashlib.sha256(data).hexdigest() != job.sha256:
+            raise _Changed()        # not what was queued: it settles again and becomes a job of its own
+        return job, Source(data, st)
 
-    def _changed_since(self, job: Job, src: Path) -> None:
+    def _leftover(self, job: Job, src: Source, now: float) -> Outcome | None:
+        """An original still in the inbox whose result and sidecar were published before the queue
+        was lost (rebuilt from sidecars): finish its publish instead of redoing it."""
+        prev = self.queue.rebuilt_done(job.rel_path, job.sha256)
+        if prev is None or prev.mtime_ns != job.mtime_ns or not prev.outputs:
+            return None
+        dest = self.publisher.archive if self.cfg.jobs.originals == "archive" else None
+        steps = self.publisher._original_steps(self.cfg.folders.inbox / job.rel_path, job.rel_path, job.size,
+                                               job.mtime_ns, dest, "archive", set(), job.id,
+                                               ident={"ino": src.st.st_ino})
+        plan = {"kind": "done", "steps": steps, "outputs": [prev.outputs[0].get("path")],
+                "sidecar": str(prev.outputs[0].get("path")) + ".json", "record": prev.outputs,
+                "duplicate_of": prev.id}
+        self.queue.set_plan(job.id, plan, params=prev.params, profile=prev.profile)
+        log.info("job.leftover", job=job.id, path=job.rel_path, published_by=prev.id)
+        return self.complete_plan(self.queue.get(job.id), now=now)
+
+    def _changed_since(self, job: Job) -> None:
         """Before a decode error sends a photo to failed/: has it changed since it settled?"""
         try:
-            st = os.lstat(src)
-        except FileNotFoundError:
+            st = safefs.lstat(self.cfg.folders.inbox, job.rel_path)
+        except OSError:
             return
-        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
+        if st is not None and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
             raise _Changed()
 
-    def _duplicate(self, job: Job, prep: "Prepared", t0: float) -> Outcome | None:
-        info, eff, result_name = prep.info, prep.eff, prep.result_name
-        prev = self.queue.done_with(job.sha256, eff["key"])
+    def _duplicate(self, job: Job, src: Source, prep: "Prepared", t0: float, now: float) -> Outcome | None:
+        prev = self.queue.done_with(job.sha256, prep.eff["key"])
         if prev is None:
             return None
         out = prev.outputs[0]
         try:
-            fd = os.open(out["path"], os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read()
-        except OSError:
+            data = self.publisher._read(Path(out["path"]))
+        except (OSError, ValueError):
             return None
         if hashlib.sha256(data).hexdigest() != out.get("sha256"):
             return None                      # the earlier result was edited or replaced: recompute
-        sidecar = self._sidecar(job, "done", info, eff, {}, t0)
-        sidecar.update({"outputs": [{k: out[k] for k in ("bytes", "sha256", "width", "height", "format", "pages") if k in out}],
-                        "duplicate_of": prev.id, "faces": prev.params.get("faces", 0), "models": prev.params.get("models_used", []),
-                        "device": None})
+        sc = self._sidecar(job, "done", now, prep.info, prep.eff, {})
+        sc.update({"outputs": [{k: out[k] for k in ("bytes", "sha256", "width", "height", "format", "pages") if k in out}],
+                   "duplicate_of": prev.id, "faces": prev.params.get("faces", 0),
+                   "models": prev.params.get("models_used", []), "device": None})
         log.info("job.duplicate", job=job.id, path=job.rel_path, duplicate_of=prev.id)
-        return self._publish_done(job, data, result_name, sidecar, eff, sidecar["outputs"][0], {}, t0,
-                                  duplicate_of=prev.id, faces=sidecar["faces"])
+        return self._publish_done(job, Finished(data, prep.result_name, sc, prep.eff, sc["outputs"][0], {}, t0,
+                                                duplicate_of=prev.id, faces=sc["faces"], ino=src.st.st_ino), now)
 
-    def _sidecar(self, job: Job, status: str, info, eff: dict, timings: dict, t0: float) -> dict:
-        inp = {"path": job.rel_path, "bytes": job.size, "sha256": job.sha256}
-        if info is not None:
-            inp.update({"width": info.width, "height": info.height, "format": info.format, "pages": info.pages})
-        params = {k: v for k, v in eff.items() if k != "key"} if eff else {}
-        return {"schema": 1, "status": status, "job": job.id, "input": inp, "profile": eff.get("profile") if eff else None,
-                "params": params, "timings_ms": timings, "attempts": job.attempts + 1, "versions": self._versions,
-                "created": _iso(time.time())}
+    def _sidecar(self, job: Job, status: str, now: float, info=None, eff: dict | None = None,
+                 timings: dict | None = None, attempts: int | None = None) -> dict:
+        return sidecar_mod.build(status, job=job.id, path=job.rel_path, size=job.size, sha256=job.sha256,
+                                 mtime_ns=job.mtime_ns, now=now, info=info, eff=eff, timings=timings,
+                                 attempts=job.attempts + 1 if attempts is None else attempts,
+                                 interruptions=job.interruptions)
 
-    def _publish_done(self, job: Job, data: bytes, result_name: str, sidecar: dict, eff: dict, out_info: dict,
-                      timings: dict, t0: float, duplicate_of: int | None = None, faces: int = 0) -> Outcome:
+    def _reserved(self, job_id: int) -> set[str]:
+        """Target names of other unfinished plans: never given out twice."""
+        return {s["dst"] for j in self.queue.with_plan() if j.id != job_id
+                for s in j.plan.get("steps", []) if "dst" in s}
+
+    def _publish_done(self, job: Job, fin: Finished, now: float) -> Outcome:
         self.progress(stage="publish")
-        self._held = (job.id, job.sha256, (data, result_name, sidecar, eff, out_info, timings, t0, duplicate_of, faces))
+        self._held = (job.id, job.sha256, fin)
         t = time.perf_counter()
-        timings.setdefault("total", _ms(t0))
-        sidecar["timings_ms"] = timings
-        plan = self.publisher.plan_done(job.id, job.rel_path, job.size, job.mtime_ns, data, result_name, sidecar)
-        out = {**out_info, "path": plan["outputs"][0]}
-        record = {**eff, "faces": faces, "models_used": sidecar.get("models", [])}
-        self.queue.set_plan(job.id, {**plan, "record": [out], "duplicate_of": duplicate_of}, params=record,
-                            profile=eff.get("profile"))
+        fin.timings.setdefault("total", _ms(fin.t0))
+        fin.sidecar["timings_ms"] = fin.timings
+        plan = self.publisher.plan_done(job.id, job.rel_path, job.size, job.mtime_ns, fin.data, fin.result_name,
+                                        fin.sidecar, reserved=self._reserved(job.id),
+                                        ident={"ino": fin.ino} if fin.ino else None,
+                                        render_sidecar=sidecar_mod.render)
+        out = {**fin.out_info, "path": plan["outputs"][0]}
+        record = {**fin.eff, "faces": fin.faces, "models_used": fin.sidecar.get("models", [])}
+        self.queue.set_plan(job.id, {**plan, "record": [out], "duplicate_of": fin.duplicate_of}, params=record,
+                            profile=fin.eff.get("profile"))
         self.publisher.execute(plan)
-        self.queue.finish(job.id, [out], duplicate_of=duplicate_of)
+        self.queue.finish(job.id, [out], now=now, duplicate_of=fin.duplicate_of)
         self._held = None
+        self._replans.pop(job.id, None)
         if self.metrics is not None:
-            for stage, ms in timings.items():
+            for stage, ms in fin.timings.items():
                 self.metrics.observe(stage, ms)
             self.metrics.observe("publish", _ms(t))
-            self.metrics.faces(faces)
-            self.metrics.success(time.time())
-        log.info("job.done", job=job.id, path=job.rel_path, output=out["path"], faces=faces,
-                 ms=round(timings["total"]), duplicate_of=duplicate_of)
-        self._fire("done", sidecar, {"input": str(self.cfg.folders.inbox / job.rel_path), "output": out["path"],
-                                     "sidecar": plan["sidecar"]})
-        return Outcome(job.id, job.rel_path, "done", sidecar=sidecar, timings_ms=timings)
+            self.metrics.faces(fin.faces)
+            self.metrics.success(now)
+        log.info("job.done", job=job.id, path=job.rel_path, output=out["path"], faces=fin.faces,
+                 ms=round(fin.timings["total"]), duplicate_of=fin.duplicate_of)
+        self._fire("done", fin.sidecar, {"input": str(self.cfg.folders.inbox / job.rel_path), "output": out["path"],
+                                         "sidecar": plan["sidecar"]})
+        return Outcome(job.id, job.rel_path, "done", sidecar=fin.sidecar, timings_ms=fin.timings)
 
-    def _fail(self, job: Job, kind: str, message: str, attempts: int) -> Outcome:
+    def _fail(self, job: Job, kind: str, message: str, attempts: int, now: float) -> Outcome:
         self.progress(stage="publish")
-        sidecar = self._sidecar(job, "failed", None, {}, {}, time.perf_counter())
-        sidecar["error"] = {"kind": kind, "message": message}
-        sidecar["attempts"] = attempts
-        plan = self.publisher.plan_failed(job.id, job.rel_path, job.size, job.mtime_ns, sidecar)
+        sc = self._sidecar(job, "failed", now, attempts=attempts)
+        sc["error"] = {"kind": kind, "message": message}
+        plan = self.publisher.plan_failed(job.id, job.rel_path, job.size, job.mtime_ns, sc,
+                                          reserved=self._reserved(job.id), render_sidecar=sidecar_mod.render)
         self.queue.set_plan(job.id, {**plan, "error": {"kind": kind, "message": message}, "attempts": attempts})
         self.publisher.execute(plan)
-        self.queue.fail(job.id, kind, message, outputs=[{"path": plan["outputs"][0]}], attempts=attempts)
+        self.queue.fail(job.id, kind, message, now=now, outputs=[{"path": plan["outputs"][0]}], attempts=attempts)
+        self._replans.pop(job.id, None)
         log.error("job.failed", job=job.id, path=job.rel_path, kind=kind, error=message, attempts=attempts)
-        self._fire("failed", sidecar, {"input": str(self.cfg.folders.inbox / job.rel_path),
-                                       "output": plan["outputs"][0], "sidecar": plan["sidecar"]})
-        return Outcome(job.id, job.rel_path, "failed", message, sidecar=sidecar)
+        self._fire("failed", sc, {"input": str(self.cfg.folders.inbox / job.rel_path),
+                                  "output": plan["outputs"][0], "sidecar": plan["sidecar"]})
+        return Outcome(job.id, job.rel_path, "failed", message, sidecar=sc)
 
-    def complete_plan(self, job: Job, recovering: bool = False) -> Outcome:
+    def complete_plan(self, job: Job, recovering: bool = False, now: float | None = None) -> Outcome:
         """Run a recorded plan to its end (idempotent) and record the outcome."""
+        now = time.time() if now is None else now
         plan = job.plan
         self.publisher.execute(plan)
         if plan["kind"] == "done":
             if recovering:
-                self.queue.apply(job.id, "recover_done", outputs=plan["record"], plan=None, finished=time.time(),
+                self.queue.apply(job.id, "recover_done", now, outputs=plan["record"], plan=None, finished=now,
                                  duplicate_of=plan.get("duplicate_of"))
             else:
-                self.queue.finish(job.id, plan["record"], duplicate_of=plan.get("duplicate_of"))
+                self.queue.finish(job.id, plan["record"], now=now, duplicate_of=plan.get("duplicate_of"))
             log.info("job.done", job=job.id, path=job.rel_path, output=plan["outputs"][0], recovered=True)
             return Outcome(job.id, job.rel_path, "done")
         err = plan.get("error", {})
         sets = dict(error_kind=err.get("kind"), last_error=err.get("message"), plan=None,
-                    outputs=[{"path": plan["outputs"][0]}], finished=time.time(), attempts=plan.get("attempts", job.attempts))
-        if recovering:
-            self.queue.apply(job.id, "recover_failed", **sets)
-        else:
-            self.queue.apply(job.id, "fail", **sets)
+                    outputs=[{"path": plan["outputs"][0]}], finished=now, attempts=plan.get("attempts", job.attempts))
+        self.queue.apply(job.id, "recover_failed" if recovering else "fail", now, **sets)
         log.error("job.failed", job=job.id, path=job.rel_path, kind=err.get("kind"), error=err.get("message"),
                   recovered=True)
         return Outcome(job.id, job.rel_path, "failed", err.get("message", ""))
@@ -319,6 +414,22 @@ class Worker:
     def _fire(self, event: str, sidecar: dict, paths: dict) -> None:
         if self.hooks is not None:
             self.hooks.fire(event, sidecar, paths)
+
+
+def _interrupted_message(job: Job, limit: int) -> str:
+    return (f"the daemon stopped {job.interruptions} times while this photo was being processed (limit "
+            f"jobs.max_interruptions = {limit}): most likely it was killed for using too much memory "
+            "(out-of-memory killer), hit the watchdog, or a decoder or model crashed on it. Look for an "
+            f"OOM kill in the journal, lower enhance.tile or max_input_megapixels, then run "
+            f"`photoenhanced retry {job.id}`")
+
+
+def _is_storage(exc: BaseException) -> bool:
+    """An error of the queue's own storage (full/read-only/corrupt state_dir)."""
+    from . import errors
+    kinds = tuple(getattr(errors, n) for n in ("StateUnavailable", "QueueCorrupt") if hasattr(errors, n))
+    import sqlite3
+    return isinstance(exc, kinds + (sqlite3.Error,))
 
 
 @dataclass
@@ -337,15 +448,17 @@ class Rendered:
     timings: dict
     faces: int
     sidecar_extra: dict
+    notes: list = field(default_factory=list)
 
 
 class _DecodeFailed(Exception):
     pass
 
 
-def prepare(src: Path, cfg: Config, limits, profile: str, upscale: float, hot: str, attempt: int) -> Prepared:
+def prepare(source: bytes | Path, name: str, cfg: Config, limits, profile: str, upscale: float, hot: str,
+            attempt: int, tick: Callable[..., None] | None = None) -> Prepared:
     """Header only: limits, the output scale and format, the effective settings."""
-    info = imageio.probe(src, limits)
+    info = imageio.probe(source, limits, name=name, tick=tick)
     fmt, ext = imageio.output_format(info.format, cfg.enhance.output_format)
     scale = imageio.output_scale(info, upscale, limits, fmt)
     m = cfg.enhance.models
@@ -354,17 +467,17 @@ def prepare(src: Path, cfg: Config, limits, profile: str, upscale: float, hot: s
     eff = {"key": key, "profile": profile, "upscale": upscale, "scale": scale, "hot_folder": hot or None,
            "tile": cfg.enhance.tile, "output_format": fmt, "jpeg_quality": cfg.enhance.jpeg_quality,
            "models": {"face": m.face, "background": m.background, "detector": m.detector}}
-    result_name = src.name if not ext else f"{src.name.rsplit('.', 1)[0]}.{ext}"
+    result_name = name if not ext else f"{name.rsplit('.', 1)[0]}.{ext}"
     return Prepared(info, params, eff, fmt, result_name)
 
 
-def render(src: Path, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: int,
+def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: int,
            progress: Callable[..., None]) -> Rendered:
     """decode → enhance (every page) → encode. Decode errors come wrapped in _DecodeFailed."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     try:
-        decoded = imageio.decode(src, limits)
+        decoded = imageio.decode(source, limits, name=name, tick=progress)
     except PermanentError as exc:
         raise _DecodeFailed() from exc
     timings["decode"] = _ms(t)
@@ -382,7 +495,8 @@ def render(src: Path, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: 
         progress(faces=faces)
     progress(stage="encode")
     t = time.perf_counter()
-    data = imageio.encode(decoded, pages, prep.fmt, jpeg_quality)
+    notes: list = list(decoded.notes)          # metadata dropped while decoding, then while encoding
+    data = imageio.encode(decoded, pages, prep.fmt, jpeg_quality, notes=notes)
     timings["encode"] = _ms(t)
     h, w = pages[0].rgb.shape[:2]
     out_info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "width": w, "height": h,
@@ -393,7 +507,7 @@ def render(src: Path, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: 
              "models": [{"name": mi.name, "sha256": mi.sha256, "source": mi.source} for mi in result.models],
              "weights_source": sorted({mi.source for mi in result.models if mi.source}) or None,
              "device": result.device, "precision": result.precision, "tile": result.tile}
-    return Rendered(data, out_info, timings, faces, extra)
+    return Rendered(data, out_info, timings, faces, extra, notes)
 
 
 def _ms(t: float) -> float:
@@ -405,23 +519,34 @@ def _check_pixels(img: np.ndarray) -> None:
         raise TransientError("the enhancer returned an invalid image (shape or non-finite values)")
 
 
-def recover(worker: Worker, queue: Queue) -> dict[str, int]:
-    """Start-up: running → pending, finish every recorded publish plan, remove stale temp files."""
-    requeued = queue.requeue_running()
-    done = failed = dropped = 0
+def reconcile(worker: Worker, queue: Queue, *, start: bool = False, now: float | None = None) -> dict[str, int]:
+    """Finish every recorded publish plan, remove stale temp files; at start-up first put the jobs
+    that were `running` when the previous process died back to pending (one interruption each).
+    Runs at start and again whenever a folder that was unusable comes back."""
+    now = time.time() if now is None else now
+    requeued = queue.requeue_running(now) if start else []
+    done = failed = dropped = waiting = 0
     for job in queue.with_plan():
         try:
-            out = worker.complete_plan(job, recovering=True)
+            out = worker.complete_plan(job, recovering=True, now=now)
             done += out.state == "done"
             failed += out.state == "failed"
         except PlanBroken as exc:
             log.warning("recover.plan_dropped", job=job.id, reason=str(exc))
+            worker.publisher.discard(job.plan)
             queue.set_plan(job.id, None)
             dropped += 1
         except FolderError as exc:
+            waiting += 1
             log.warning("recover.waiting", job=job.id, reason=str(exc))
-    keep = {step[k] for job in queue.with_plan() for step in job.plan["steps"] for k in ("tmp",) if k in step}
+    keep = {step["tmp"] for job in queue.with_plan() for step in job.plan["steps"] if "tmp" in step}
     cleaned = worker.publisher.clean_tmp(keep)
-    stats = {"requeued": len(requeued), "done": done, "failed": failed, "dropped": dropped, "tmp_removed": cleaned}
+    stats = {"requeued": len(requeued), "done": done, "failed": failed, "dropped": dropped, "waiting": waiting,
+             "tmp_removed": cleaned}
     log.info("recover.finished", **stats)
     return stats
+
+
+def recover(worker: Worker, queue: Queue) -> dict[str, int]:
+    """Start-up reconciliation (see reconcile)."""
+    return reconcile(worker, queue, start=True)
