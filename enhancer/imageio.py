@@ -20,7 +20,9 @@ What the rest of the project relies on (see tests/test_imageio.py for one round 
   untrusted); every PIL/OpenCV error or warning is translated into one of enhancer.errors'
   PermanentError classes, never let through (tests/test_hostile_formats.py, scripts/fuzz-decoders).
 * Metadata an output format cannot hold (EXIF over 65533 bytes in JPEG, …) is trimmed or
-  dropped with a note (``encode(..., notes=)``), never an error.
+  dropped with a note (``encode(..., notes=)``), never an error. XMP, IPTC-IIM, comments, PNG
+  text, nclx, DPI and the provenance stamp are enhancer.metadata's: ``decode`` reads them into
+  ``Decoded.meta``, ``encode`` = ``metadata.plan`` → pixel encoders → ``metadata.apply``.
 
 Decisions (see the module's tests): palette images are written as RGB(A) (no re-quantisation);
 CMYK with an ICC profile is converted to sRGB and the output carries lcms' built-in sRGB
@@ -28,8 +30,8 @@ profile, CMYK without one is converted naively and written without a profile; a 
 read and written as PNG; a JPEG that Pillow opens as MPO (phones embed a second picture) is read
 as a JPEG, first picture only; HEIF with several top-level images: the primary one (pillow-heif
 decodes 10-bit HEIC to 8 bits). Alpha into JPEG (output_format: jpeg) is composited over white.
-16-bit RGB(A) TIFF is written by tifffile (deflate, ICC and dpi kept, EXIF not: tifffile cannot
-write an EXIF IFD); 16-bit gray+alpha becomes 16-bit RGBA (Pillow has no LA;16). PNG orientation
+16-bit RGB(A) TIFF is written by tifffile (deflate, ICC and dpi; EXIF is added by exiv2 for a
+single page); 16-bit gray+alpha becomes 16-bit RGBA (Pillow has no LA;16). PNG orientation
 comes only from an eXIf chunk before IDAT (decoding the image to look behind it would break
 "header only"; browsers do the same). JPEG: quality as configured, 4:4:4 chroma at quality >= 90
 (4:2:0 below), dpi and progressive kept. WebP: lossless if the source was (a VP8L chunk), else
@@ -57,7 +59,7 @@ import numpy as np
 import structlog
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin, UnidentifiedImageError
 
-from enhancer import containers
+from enhancer import containers, metadata
 from enhancer.errors import (AnimatedError, PermanentError, TooLargeError, UndecodableError,
                              UnsupportedError)
 
@@ -114,7 +116,8 @@ class Info:
 
 @dataclass
 class Page:
-    rgb: np.ndarray                    # float32 (H, W, 3) in [0, 1], orientation applied
+    rgb: np.ndarray                    # float32 (H, W, 3) in [0, 1], orientation applied; encode
+                                       # also takes uint8/uint16 (an enhancer's integer result)
     alpha: np.ndarray | None = None    # float32 (H, W) in [0, 1]
 
 
@@ -129,6 +132,7 @@ class Decoded:
     palette: bool
     extra: dict = field(default_factory=dict)   # dpi, compression, webp_lossless, …
     notes: list[dict] = field(default_factory=list)   # metadata dropped while decoding
+    meta: metadata.Blocks | None = None   # XMP, IPTC, comment, PNG text, nclx (enhancer.metadata)
 
 # ----------------------------------------------------------------------------------- opening
 
@@ -656,6 +660,7 @@ def decode(source: Source, limits: Limits, *, name: str | None = None,
                     extra["note"] = "multi-picture JPEG: first picture only"
             exif = _clean_exif(im, fmt, name, notes)
             icc = im.info.get("icc_profile") or None
+            blocks = metadata.read(data, fmt, im.info, getattr(im, "tag_v2", None), notes)
             orientations, sixteen = [], []
             for i in range(info.pages):
                 if i:
@@ -703,7 +708,7 @@ def decode(source: Source, limits: Limits, *, name: str | None = None,
               pages=info.pages, modes=extra["page_modes"])
     return Decoded(info=info, pages=pages, bits=max(m["bits"] for m in metas),
                    gray=first["gray"], exif=exif, icc=icc,
-                   palette=any(m["palette"] for m in metas), extra=extra, notes=notes)
+                   palette=any(m["palette"] for m in metas), extra=extra, notes=notes, meta=blocks)
 
 
 # ----------------------------------------------------------------------------------- sizes
@@ -767,10 +772,23 @@ def resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- encoding
 
+def _unit_block(block: np.ndarray) -> np.ndarray:
+    """A block of pixels as float32 in [0, 1] (integer pages: uint8/uint16 results)."""
+    if block.dtype == np.uint8:
+        return block.astype(np.float32) * np.float32(1 / 255)
+    if block.dtype == np.uint16:
+        return block.astype(np.float32) * np.float32(1 / 65535)
+    return block
+
+
 def _quantize_into(out: np.ndarray, src: np.ndarray, maxval: int) -> None:
-    """float [0,1] → integers, block by block (temporaries bounded to _CHUNK_ROWS rows)."""
+    """float [0,1] (or uint8/uint16) → integers, block by block (temporaries bounded to
+    _CHUNK_ROWS rows). Integer input of the wanted depth is copied as it is."""
+    if src.dtype == out.dtype:
+        out[...] = src
+        return
     for y in range(0, src.shape[0], _CHUNK_ROWS):
-        block = src[y:y + _CHUNK_ROWS] * np.float32(maxval)
+        block = _unit_block(src[y:y + _CHUNK_ROWS]) * np.float32(maxval)
         block += np.float32(0.5)
         np.clip(block, 0, maxval, out=block)
         out[y:y + _CHUNK_ROWS] = block        # casts (truncates the +0.5 → rounds)
@@ -779,7 +797,7 @@ def _quantize_into(out: np.ndarray, src: np.ndarray, maxval: int) -> None:
 def _luma_into(out: np.ndarray, rgb: np.ndarray, maxval: int) -> None:
     r, g, b = _LUMA
     for y in range(0, rgb.shape[0], _CHUNK_ROWS):
-        blk = rgb[y:y + _CHUNK_ROWS]
+        blk = _unit_block(rgb[y:y + _CHUNK_ROWS])
         lum = blk[..., 0] * np.float32(r * maxval)
         lum += blk[..., 1] * np.float32(g * maxval)
         lum += blk[..., 2] * np.float32(b * maxval)
@@ -811,7 +829,7 @@ def _flatten_on_white(page: Page) -> Page:
     if page.alpha is None:
         return page
     a = page.alpha[..., None]
-    rgb = page.rgb * a
+    rgb = _unit_block(page.rgb) * a
     rgb += 1.0 - a
     return Page(rgb=rgb.astype(np.float32, copy=False), alpha=None)
 
@@ -825,26 +843,6 @@ def _parse_exif(blob: bytes) -> Image.Exif:
         ex.get_ifd(_EXIF_IFD)
         ex.get_ifd(0x8825)                       # GPS
         return ex
-
-
-def _new_exif(src: Decoded, size: tuple[int, int], notes: list[dict]) -> bytes | None:
-    """The source's EXIF with Orientation = 1 and the new pixel size. Pillow writes IFD0 and
-    its EXIF/GPS sub-IFDs, never IFD1: the thumbnail of the unenhanced picture is not carried."""
-    if not src.exif:
-        return None
-    try:
-        ex = _parse_exif(src.exif)
-        ex[_ORIENTATION] = 1
-        sub = ex.get_ifd(_EXIF_IFD)
-        if sub:
-            sub[_PIXEL_X], sub[_PIXEL_Y] = int(size[0]), int(size[1])
-        return ex.tobytes()
-    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError,
-            IndexError) as exc:
-        log.warning("imageio.exif_dropped", error=str(exc)[:200])
-        notes.append({"block": "exif", "action": "dropped",
-                      "reason": f"could not be rewritten: {exc}"[:200]})
-        return None
 
 
 # What one output format can hold (measured with Pillow 13): JPEG has one APP1 segment of at
@@ -871,6 +869,8 @@ def _trim_exif(exif: bytes, limit: int, fmt: str, notes: list[dict]) -> bytes | 
                 notes.append({"block": "exif", "action": "trimmed",
                               "reason": f"{why}; MakerNote and thumbnail removed, "
                                         f"{len(smaller)} bytes kept"})
+                notes.append({"block": "makernote", "action": "dropped",
+                              "reason": f"{fmt} EXIF is limited to {limit} bytes"})
                 return smaller
     except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError, IndexError):
         pass
@@ -880,7 +880,7 @@ def _trim_exif(exif: bytes, limit: int, fmt: str, notes: list[dict]) -> bytes | 
 
 
 def _fit_metadata(fmt: str, bits16: bool, exif: bytes | None, icc: bytes | None,
-                  notes: list[dict]) -> tuple[bytes | None, bytes | None]:
+                  notes: list[dict], pages: int = 1) -> tuple[bytes | None, bytes | None]:
     """EXIF and ICC as the output format can hold them; a note for each change."""
     if fmt == "JPEG":
         if exif and len(exif) > JPEG_EXIF_MAX:
@@ -901,12 +901,30 @@ def _fit_metadata(fmt: str, bits16: bool, exif: bytes | None, icc: bytes | None,
                 notes.append({"block": block, "action": "dropped",
                               "reason": "BMP output holds no such block"})
         exif = icc = None
-    elif fmt == "TIFF" and bits16 and exif:
+    elif fmt == "TIFF" and bits16 and exif and pages > 1:
         notes.append({"block": "exif", "action": "dropped",
-                      "reason": "16-bit colour TIFF is written by tifffile, which cannot write "
-                                "an EXIF directory"})
+                      "reason": "multi-page 16-bit colour TIFF is written by tifffile, which "
+                                "cannot write an EXIF directory (exiv2 would keep page 1 only)"})
         exif = None
     return exif, icc
+
+
+def _ifd0_only(exif: bytes, notes: list[dict]) -> bytes | None:
+    """EXIF for a multi-page TIFF written by Pillow: IFD0's own tags (libtiff cannot write the
+    EXIF and GPS sub-IFDs there, and exiv2 would keep page 1 only)."""
+    try:
+        ex = _parse_exif(exif)
+        lost = [name for tag, name in ((_EXIF_IFD, "EXIF"), (0x8825, "GPS")) if tag in ex]
+        for tag in (_EXIF_IFD, 0x8825):
+            ex.pop(tag, None)
+        if lost:
+            notes.append({"block": "exif", "action": "trimmed",
+                          "reason": f"multi-page TIFF keeps IFD0's tags; the {' and '.join(lost)} "
+                                    "sub-IFDs cannot be written there"})
+        return ex.tobytes() if len(ex) else None
+    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError, IndexError) as exc:
+        notes.append({"block": "exif", "action": "dropped", "reason": f"unreadable: {exc}"[:200]})
+        return None
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -928,9 +946,10 @@ def _png_with_metadata(png: bytes, icc: bytes | None, exif: bytes | None,
     return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
-def _encode_16bit_color(src: Decoded, arrays: list[np.ndarray], fmt: str,
-                        exif: bytes | None, icc: bytes | None) -> bytes:
-    dpi = src.extra.get("dpi")
+def _encode_16bit_color(arrays: list[np.ndarray], fmt: str, exif: bytes | None,
+                        icc: bytes | None, dpi: tuple[float, float] | None,
+                        xmp: bytes | None = None) -> bytes:
+    """16-bit colour pixels (+ ICC, EXIF in PNG, dpi; XMP in a multi-page TIFF's first IFD)."""
     bgr = [a[..., [2, 1, 0, 3]] if a.shape[2] == 4 else a[..., ::-1] for a in arrays]
     if fmt == "PNG":
         ok, buf = cv2.imencode(".png", bgr[0], [cv2.IMWRITE_PNG_COMPRESSION, 6])
@@ -945,22 +964,28 @@ def _encode_16bit_color(src: Decoded, arrays: list[np.ndarray], fmt: str,
             kwargs: dict = {}
             if i == 0 and icc:
                 kwargs["iccprofile"] = icc
+            if i == 0 and xmp and len(arrays) > 1:
+                kwargs["extratags"] = [(700, "B", len(xmp), xmp, True)]
             if dpi:
                 kwargs.update(resolution=dpi, resolutionunit="INCH")
-            tw.write(a, photometric="rgb", compression="zlib",
+            tw.write(a, photometric="rgb", compression="zlib", software=False,
                      extrasamples=("unassalpha",) if a.shape[2] == 4 else None, **kwargs)
     return out.getvalue()
 
 
 def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
-           notes: list[dict] | None = None) -> bytes:
+           notes: list[dict] | None = None,
+           provenance: metadata.Provenance | None = None) -> bytes:
     """Encode the enhanced pages as ``fmt`` (a PIL format from output_format) with src's
     metadata. Gray sources are written gray, 16-bit PNG/TIFF sources 16-bit, alpha kept where the
     format holds it (JPEG: composited over white). Returns the file's bytes.
 
-    Metadata the format cannot hold (EXIF over 64 kB in JPEG, …) is trimmed or dropped, never an
-    error: each change is appended to ``notes`` as {"block", "action": "trimmed"|"dropped",
-    "reason"} (the sidecar's; add ``src.notes`` for what decoding dropped)."""
+    Pixels and metadata are separate steps: ``metadata.plan`` decides what the result carries
+    (and stamps ``provenance`` when given), the pixel encoders below write pixels with EXIF, ICC
+    and dpi, ``metadata.apply`` adds XMP, IPTC, comments and text. Every block of the source gets
+    a note in ``notes`` ({"block", "action": kept|converted|trimmed|dropped|added, "reason"?});
+    metadata a format cannot hold is converted, trimmed or dropped, never an error (the sidecar's
+    ``metadata``; add ``src.notes`` for what decoding dropped)."""
     notes = [] if notes is None else notes
     fmt = fmt.upper()
     if fmt not in _WRITABLE:
@@ -977,19 +1002,35 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
     if fmt in MAX_SIDE and max(w, h) > MAX_SIDE[fmt]:
         raise UnsupportedError(f"{fmt} cannot hold {w}×{h}: at most {MAX_SIDE[fmt]} pixels a "
                                "side (pass fmt to output_scale, or choose another output_format)")
-    exif = _new_exif(src, (w, h), notes)
-    dpi = src.extra.get("dpi")
+    scale = w / max(1, src.info.width)
+    plan = metadata.plan(fmt, exif=src.exif, blocks=src.meta, size=(w, h), scale=scale,
+                         dpi=src.extra.get("dpi"), pages=len(pages), provenance=provenance,
+                         notes=notes)
+    data = _encode_pixels(src, pages, fmt, jpeg_quality, gray, bits, plan, notes)
+    return metadata.apply(data, plan, len(pages), notes)
 
+
+def _encode_pixels(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int, gray: bool,
+                   bits: int, plan: metadata.Plan, notes: list[dict]) -> bytes:
+    """The pixels, with what the encoders write themselves: EXIF, ICC, dpi (HEIF: XMP and nclx;
+    multi-page TIFF: XMP in IFD0). Everything else is metadata.apply's."""
+    dpi = plan.dpi
     arrays = [_page_array(p, gray, p.alpha is not None, bits) for p in pages]
     bits16_color = bits == 16 and (not gray or any(a.ndim == 3 for a in arrays))
-    exif, icc = _fit_metadata(fmt, bits16_color, exif, src.icc, notes)
+    exif, icc = _fit_metadata(fmt, bits16_color, plan.exif, src.icc, notes, len(pages))
+    if fmt == "TIFF" and exif:
+        if len(pages) == 1:     # neither tifffile nor Pillow+libtiff write EXIF sub-IFDs: exiv2 does
+            plan.exif_after, exif = exif, None
+        else:
+            exif = _ifd0_only(exif, notes)
+    multi_xmp = plan.xmp if fmt == "TIFF" and len(pages) > 1 else None
     if bits == 16 and not gray:
-        return _encode_16bit_color(src, arrays, fmt, exif, icc)
+        return _encode_16bit_color(arrays, fmt, exif, icc, dpi, multi_xmp)
     if bits16_color:
         # 16-bit gray + alpha: Pillow has no LA;16 → 16-bit RGBA (the only lossless choice)
         arrays = [np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
                   if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
-        return _encode_16bit_color(src, arrays, fmt, exif, icc)
+        return _encode_16bit_color(arrays, fmt, exif, icc, dpi, multi_xmp)
 
     images = [_to_pil(a) for a in arrays]
     kwargs: dict = {}
@@ -1014,18 +1055,26 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
         kwargs["compression"] = comp if comp in _TIFF_COMPRESSIONS else "tiff_adobe_deflate"
         if len(images) > 1:
             kwargs.update(save_all=True, append_images=images[1:])
+            if multi_xmp:
+                kwargs["tiffinfo"] = {700: multi_xmp}
     elif fmt == "HEIF":
         _register_heif()
         kwargs.update(quality=int(jpeg_quality))
+        if plan.xmp:
+            kwargs["xmp"] = plan.xmp
+        if plan.nclx:
+            kwargs.update({k: plan.nclx[k] for k in ("color_primaries", "transfer_characteristics",
+                                                      "matrix_coefficients", "full_range_flag")
+                           if k in plan.nclx})
     try:
         return _save(images[0], fmt, kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        held = [k for k in ("exif", "icc_profile") if k in kwargs]
+        held = [k for k in ("exif", "icc_profile", "xmp") if k in kwargs]
         if not held:
             raise ValueError(f"encoding {fmt} failed: {exc}") from exc
         for k in held:                  # an encoder limit not known above: without metadata
             del kwargs[k]
-            notes.append({"block": "exif" if k == "exif" else "icc", "action": "dropped",
+            notes.append({"block": {"icc_profile": "icc"}.get(k, k), "action": "dropped",
                           "reason": f"the {fmt} encoder refused it: {exc}"[:200]})
         try:
             return _save(images[0], fmt, kwargs)

@@ -85,7 +85,12 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | Path) -> dict:
     """The state dict inside a checkpoint file (unwrapping params_ema/params, 'module.')."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).lower().endswith(".safetensors"):     # no pickle at all
+            from safetensors.torch import load_file
+
+            ckpt = load_file(str(path), device="cpu")
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # torch raises many types (UnpicklingError, RuntimeError, …)
         raise CheckpointError(f"{path}: not a loadable weights-only checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict):
@@ -141,3 +146,103 @@ def make_checkpoint(arch_key: str, state_dict: dict) -> dict:
     """Wrap a state dict the way the published file of this architecture is laid out."""
     wrap = ARCHS[arch_key].wrap
     return {wrap: state_dict} if wrap else dict(state_dict)
+
+
+# ------------------------------------------------------------------ models people bring
+
+# Licence of the architecture's code and of its usual published weights, for the sidecar. The
+# weights a user brings may carry their own terms; this says what the architecture is known by.
+LICENCES: dict[str, str] = {
+    "ESRGAN": "Apache-2.0 (ESRGAN/BasicSR); community weights (4x-UltraSharp …) have their own terms",
+    "RealESRGAN": "BSD-3-Clause (Real-ESRGAN)",
+    "Compact": "BSD-3-Clause (Real-ESRGAN SRVGGNetCompact)",
+    "SwinIR": "Apache-2.0 (SwinIR)",
+    "HAT": "Apache-2.0 (HAT)",
+    "DAT": "Apache-2.0 (DAT)",
+    "OmniSR": "MIT (Omni-SR)",
+    "GFPGAN": "Apache-2.0 (GFPGAN code); parts of the published weights follow NVIDIA StyleGAN2 terms",
+    "RestoreFormer": "Apache-2.0 (RestoreFormer)",
+    "CodeFormer": "S-Lab License 1.0 — NON-COMMERCIAL use only (CodeFormer)",
+}
+SPANDREL_ROLES = {"SR": "background", "Restoration": "background", "FaceSR": "face"}
+FACE_ARCHS = ("GFPGAN", "RestoreFormer", "CodeFormer")   # the face calls pipeline.py knows
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What a user-given checkpoint turned out to be (goes into the sidecar)."""
+
+    loader: str               # "photoenhanced" | "spandrel"
+    architecture: str         # spandrel's id (ESRGAN, SwinIR, …) or one of ARCHS
+    scale: int
+    licence: str
+    tags: tuple[str, ...] = ()
+    multiple_of: int = 1      # input sides must be multiples of this (window sizes); we pad
+    minimum: int = 0          # smallest input side the model takes
+
+    def as_dict(self) -> dict:
+        return {"loader": self.loader, "architecture": self.architecture, "scale": self.scale,
+                "licence": self.licence, "tags": list(self.tags)}
+
+
+def spandrel_registry():
+    """spandrel's permissive registry plus spandrel_extra_arches (CodeFormer …) when that is
+    installed, as a private registry (spandrel's global one is left alone)."""
+    import spandrel
+
+    reg = spandrel.ArchRegistry()
+    reg.add(*spandrel.MAIN_REGISTRY)
+    try:
+        import spandrel_extra_arches
+    except ImportError:
+        return reg
+    reg.add(*spandrel_extra_arches.EXTRA_REGISTRY, ignore_duplicates=True)
+    return reg
+
+
+def load_spandrel(path: str | Path, role: str, device: torch.device
+                  ) -> tuple[torch.nn.Module, ArchInfo]:
+    """A checkpoint spandrel recognises, read weights-only and loaded strictly (spandrel's
+    descriptors call load_state_dict(strict=True)); raises CheckpointError naming what the
+    file is when it does not fit `role` or is not recognised."""
+    import spandrel
+
+    state_dict = read_state_dict(path)
+    try:
+        from spandrel.__helpers.canonicalize import canonicalize_state_dict
+        state_dict = canonicalize_state_dict(state_dict)
+    except ImportError:       # private helper moved: ours already unwrapped params/params_ema
+        pass
+    try:
+        desc = spandrel_registry().load(state_dict)
+    except spandrel.UnsupportedModelError as exc:
+        raise CheckpointError(
+            f"{path}: not a model architecture we can load (spandrel knows none that fits; "
+            f"supported for {role}: ESRGAN, Real-ESRGAN, Compact, SwinIR, HAT, DAT, OmniSR, "
+            f"GFPGAN, RestoreFormer, CodeFormer, …)") from exc
+    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as exc:
+        raise CheckpointError(f"{path}: looks like a known architecture but does not load "
+                              f"strictly: {type(exc).__name__}: {exc}"[:600]) from exc
+    arch_id = str(desc.architecture.id)
+    purpose = getattr(desc, "purpose", "")
+    got_role = SPANDREL_ROLES.get(purpose)
+    if got_role != role:
+        raise CheckpointError(f"{path}: is a {arch_id} model ({purpose or 'not an image model'}),"
+                              f" not a {role} model")
+    if role == "face" and arch_id not in FACE_ARCHS:
+        raise CheckpointError(f"{path}: face model {arch_id} is not supported (one of "
+                              f"{', '.join(FACE_ARCHS)})")
+    if getattr(desc, "input_channels", 3) != 3 or getattr(desc, "output_channels", 3) != 3:
+        raise CheckpointError(f"{path}: {arch_id} with {desc.input_channels}→"
+                              f"{desc.output_channels} channels; only RGB models are supported")
+    module = desc.model
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module = module.to(device)
+    info = ArchInfo("spandrel", arch_id, int(desc.scale),
+                    LICENCES.get(arch_id, "see the architecture's upstream licence"),
+                    tuple(str(t) for t in getattr(desc, "tags", ())),
+                    int(desc.size_requirements.multiple_of), int(desc.size_requirements.minimum))
+    return module, info
+

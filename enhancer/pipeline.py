@@ -18,6 +18,7 @@ from __future__ import annotations
 from enhancer import _compat  # noqa: F401
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -38,6 +39,8 @@ from enhancer.errors import (DeviceError, EnhanceError, OutOfMemoryError, Unsupp
 log = structlog.get_logger(__name__)
 
 PARSER_MODEL = "parsenet"
+GPU_TILE_BATCH = 4                  # tiles per forward pass on CUDA (a band's tiles, batched)
+RESIZE_BAND = 1024                  # input rows/cols per band of the classic (faces) resize
 TILE_FLOOR = 64
 TILE_PAD = 32                       # overlap per side (capped at tile // 4)
 MAX_FACES = 50
@@ -65,9 +68,23 @@ class LoadedModel:
     path: Path
     module: torch.nn.Module
     precision: str          # what this model runs in: fp32 | bf16 | fp16
+    cast: bool = False      # weights cast once to `precision` (else autocast per call)
+    channels_last: bool = False
+    fallback: torch.nn.Module | None = None    # the fp32 module, when `module` was cast
+    details: models.ArchInfo | None = None     # user-brought checkpoints (spandrel)
 
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self.name, sha256=self.sha256, source=self.source)
+        return ModelInfo(name=self.name, sha256=self.sha256, source=self.source,
+                         details=self.details.as_dict() if self.details else None)
+
+    @property
+    def scale(self) -> int:
+        return self.details.scale if self.details else models.ARCHS[self.arch].scale
+
+    @property
+    def family(self) -> str:
+        """Architecture family for the calling convention (gfpgan-clean, GFPGAN, CodeFormer …)."""
+        return self.details.architecture if self.details else self.arch
 
 
 class _Passthrough(Exception):
@@ -132,8 +149,14 @@ def _autocast(device: torch.device, precision: str):
 
 def _forward(lm: LoadedModel, x: torch.Tensor, device: torch.device, precision: str,
              **kwargs) -> torch.Tensor:
-    with _autocast(device, precision):
-        out = lm.module(x, **kwargs)
+    if lm.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if lm.cast:
+        module = lm.module if precision == lm.precision else (lm.fallback or lm.module)
+        out = module(x, **kwargs)
+    else:
+        with _autocast(device, precision):
+            out = lm.module(x, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -142,10 +165,59 @@ def run_model(lm: LoadedModel, x: torch.Tensor, device: torch.device, **kwargs) 
     out = _forward(lm, x, device, lm.precision, **kwargs).float()
     if lm.precision != "fp32" and not bool(torch.isfinite(out).all()):
         log.warning("precision.fallback", model=lm.name, precision=lm.precision)
-        out = _forward(lm, x, device, "fp32", **kwargs).float()
+        out = _forward(lm, x.float(), device, "fp32", **kwargs).float()
     if not bool(torch.isfinite(out).all()):
         raise EnhanceError(f"model {lm.name} produced non-finite output")
     return out
+
+
+# Conv models whose speed gains from channels_last (oneDNN's NHWC kernels; measured in
+# scripts/bench). Transformer SR models (SwinIR, HAT, DAT, OmniSR) reshape NCHW views: left alone.
+CHANNELS_LAST_FAMILIES = frozenset({"rrdbnet-x4", "rrdbnet-x2", "srvgg-x4", "ESRGAN", "Compact",
+                                    "SPAN", "RealCUGAN", "PLKSR"})
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple) -> tuple | None:
+    dtype = next(module.parameters(recurse=False)).dtype
+    if not any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
+               for a in args):
+        return None
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def prepare_module(module: torch.nn.Module, precision: str, *, channels_last: bool = True,
+                   keep_fp32: int = 1) -> torch.nn.Module:
+    """Make `module` fast once, at load time: channels_last memory format (conv models) and,
+    for bf16/fp16, weights cast once to that dtype (instead of autocast casting them on every
+    call). The first and last `keep_fp32` convolutions stay fp32: the quality loss of bf16 sits
+    mostly there (RECIPES: 44 -> 47 dB on a real photo for ~4 % of the time). Every module
+    holding parameters casts its floating inputs to its own dtype (a pre-hook), so any
+    architecture's mix of fp32 ends and reduced-precision body works."""
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if precision == "fp32":
+        return module
+    dtype = _DTYPES[precision]
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    ends = set(map(id, convs[:keep_fp32] + convs[-keep_fp32:])) if keep_fp32 and convs else set()
+    module = module.to(dtype)
+    for m in module.modules():
+        if id(m) in ends:
+            m.float()
+        if any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(lambda mod, args: _cast_inputs(mod, args))
+    if ends and len(convs) > 1:
+        # the first conv's output goes on in the body's dtype: a residual stream left in
+        # fp32 (x + 0.2 * bf16 …) would make every conv cast its input (measured 7x slower)
+        convs[0].register_forward_hook(
+            lambda mod, args, out: out.to(dtype) if out.is_floating_point() else out)
+    return module
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile (inductor) for a warm daemon: call once at warm-up, never per photo."""
+    return torch.compile(module, dynamic=False)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -165,11 +237,22 @@ def test_pattern(height: int, width: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ upscale
 
 def sr_callable(lm: LoadedModel, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """numpy HxWx3 float RGB -> numpy (H*s)x(W*s)x3 through an SR model."""
+    """numpy HxWx3 float RGB -> numpy (H*s)x(W*s)x3 through an SR model. Inputs are padded
+    (reflect) to the side multiple / minimum a model needs (window sizes) and cropped back."""
+    multiple = max(2, lm.details.multiple_of) if lm.details else 2   # 2: pixel-unshuffle (x2)
+    minimum = lm.details.minimum if lm.details else 0
+    scale = lm.scale
+
     def fn(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        ph = max(minimum, -(-h // multiple) * multiple) - h
+        pw = max(minimum, -(-w // multiple) * multiple) - w
+        if ph or pw:
+            img = np.pad(img, ((0, ph), (0, pw), (0, 0)),
+                         mode="reflect" if ph < h and pw < w else "edge")
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device)
-        out = run_model(lm, x, device)
-        return out[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
+        out = run_model(lm, x, device)[..., :h * scale, :w * scale]
+        return np.ascontiguousarray(out[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy())
     return fn
 
 
@@ -199,6 +282,80 @@ def upscale_array(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, sca
             t = nxt
 
 
+def sr_batch_callable(lm: LoadedModel, device: torch.device, batch: int = 4
+                      ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """Many tiles -> their SR outputs, `batch` per forward pass. Tiles of a batch are padded
+    (edge) to the batch's largest shape and cropped back. On CUDA: pinned host buffers,
+    non-blocking copies on a side stream, so the upload of batch k+1 overlaps batch k's
+    compute (cudnn.benchmark then sees few distinct shapes). On CPU the same code runs without
+    pinning or streams (used by the tests; no speed gain there)."""
+    single = sr_callable(lm, device)
+    cuda = device.type == "cuda"
+    scale = lm.scale
+
+    def upload(group: list[np.ndarray], stream):
+        hh = max(g.shape[0] for g in group) + max(g.shape[0] for g in group) % 2
+        ww = max(g.shape[1] for g in group) + max(g.shape[1] for g in group) % 2
+        host = torch.empty((len(group), 3, hh, ww), dtype=torch.float32, pin_memory=cuda)
+        for i, g in enumerate(group):
+            padded = np.pad(g, ((0, hh - g.shape[0]), (0, ww - g.shape[1]), (0, 0)), mode="edge")
+            host[i].copy_(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))))
+        if not cuda:
+            return host
+        with torch.cuda.stream(stream):
+            return host.to(device, non_blocking=True)
+
+    def fn_many(tiles_in: list[np.ndarray]) -> list[np.ndarray]:
+        if lm.details and lm.details.multiple_of > 2:
+            return [single(t) for t in tiles_in]        # window models: one at a time
+        groups = [tiles_in[i:i + batch] for i in range(0, len(tiles_in), max(1, batch))]
+        stream = torch.cuda.Stream(device) if cuda else None
+        outs: list[np.ndarray] = []
+        nxt = upload(groups[0], stream)
+        for k, group in enumerate(groups):
+            x = nxt
+            if cuda:
+                torch.cuda.current_stream(device).wait_stream(stream)
+                x.record_stream(torch.cuda.current_stream(device))
+            if k + 1 < len(groups):
+                nxt = upload(groups[k + 1], stream)     # overlaps the forward below
+            y = run_model(lm, x, device).clamp_(0, 1)
+            if cuda:
+                host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                host.copy_(y, non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+                y = host
+            y = y.permute(0, 2, 3, 1).numpy()
+            for i, g in enumerate(group):
+                outs.append(np.ascontiguousarray(y[i, :g.shape[0] * scale, :g.shape[1] * scale]))
+        return outs
+    return fn_many
+
+
+def stream_upscale(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, scale: int,
+                   out: np.ndarray, tile: int, *, floor: int = TILE_FLOOR, pad: int = TILE_PAD,
+                   progress: Callable[[], None] | None = None, many=None) -> int:
+    """upscale_array, but the blended result goes, resampled to out's size, straight into the
+    preallocated `out` (uint8/uint16/float32) band by band. Same OOM halving. Returns the tile
+    edge finally used."""
+    h, w = image.shape[:2]
+    t = tile
+    while True:
+        try:
+            tiles.stream_tiled(fn, image, scale, out, t, pad, progress, many=many)
+            return t
+        except torch.cuda.OutOfMemoryError as exc:
+            nxt = (max(h, w) if t == 0 else t) // 2
+            nxt -= nxt % 2
+            if nxt < floor:
+                raise OutOfMemoryError(
+                    f"out of memory even with {t or max(h, w)} px tiles (floor {floor})") from exc
+            log.warning("upscale.oom_retry", tile=t, next_tile=nxt)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            t = nxt
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -208,9 +365,14 @@ def available_memory(device: torch.device) -> int:
     raise EnhanceError("cannot read MemAvailable from /proc/meminfo")
 
 
+# CPU: more than this for a tile's activations buys no speed (time per pixel is flat from
+# ~256² up, measured in scripts/bench) but pushes a 24 MP photo's peak RSS past 3 GB.
+CPU_TILE_BUDGET = 1_500_000_000
+
+
 def auto_tile(device: torch.device, arch: str, free_bytes: int | None = None) -> int:
     free = available_memory(device) if free_bytes is None else free_bytes
-    budget = free * (0.6 if device.type == "cuda" else 0.4)
+    budget = free * 0.6 if device.type == "cuda" else min(free * 0.4, CPU_TILE_BUDGET)
     t = int(math.sqrt(budget / BYTES_PER_INPUT_PX.get(arch, 17_000)))
     t = max(TILE_FLOOR, min(2048, t))
     return t - t % 32
@@ -263,17 +425,48 @@ def align_face(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray] |
     return crop, affine
 
 
+FACE_BATCH = {"cpu": 8, "cuda": 16}   # faces per forward pass (all of a photo's, in chunks)
+
+
+def _face_call(lm: LoadedModel, fidelity: float) -> dict:
+    """Keyword arguments of the face model's forward (families differ)."""
+    if lm.family in ("gfpgan-clean", "GFPGAN"):
+        return {"return_rgb": False, "randomize_noise": False}
+    if lm.family == "CodeFormer":
+        return {"weight": float(fidelity)}
+    return {}
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + size]
+
+
+def restore_faces(face: LoadedModel, crops: list[np.ndarray], device: torch.device, *,
+                  fidelity: float = 0.5, batch: int | None = None,
+                  progress: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """All aligned 512² crops of a photo through the face model, `batch` at a time (one
+    forward pass for a group photo instead of one per face). float [0,1] in and out."""
+    batch = batch or FACE_BATCH.get(device.type, 8)
+    kwargs = _face_call(face, fidelity)
+    out: list[np.ndarray] = []
+    for chunk in _batches(crops, batch):
+        x = np.ascontiguousarray(np.stack([c.transpose(2, 0, 1) for c in chunk]))
+        x = torch.from_numpy(x).to(device)
+        y = run_model(face, (x - 0.5) / 0.5, device, **kwargs)
+        y = ((y.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        out.extend(np.ascontiguousarray(r) for r in y)
+        if progress:
+            progress()
+    return out
+
+
 def restore_face(gfpgan: LoadedModel, crop: np.ndarray, device: torch.device) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None].to(device)
-    x = (x - 0.5) / 0.5
-    out = run_model(gfpgan, x, device, return_rgb=False, randomize_noise=False)
-    return ((out[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+    """One face (kept for callers and the one-at-a-time baseline in scripts/bench)."""
+    return restore_faces(gfpgan, [crop], device, batch=1)[0]
 
 
-def face_mask(parser: LoadedModel, restored: np.ndarray, device: torch.device) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(restored.transpose(2, 0, 1)))[None].to(device)
-    out = run_model(parser, (x - 0.5) / 0.5, device)
-    labels = out.argmax(dim=1)[0].cpu().numpy()
+def _soft_mask(labels: np.ndarray) -> np.ndarray:
     mask = PARSE_KEEP[labels] * 255.0
     mask = cv2.GaussianBlur(mask, (101, 101), 11)
     mask = cv2.GaussianBlur(mask, (101, 101), 11)
@@ -285,17 +478,59 @@ def face_mask(parser: LoadedModel, restored: np.ndarray, device: torch.device) -
     return (mask / 255.0).astype(np.float32)
 
 
+def face_masks(parser: LoadedModel, restored: list[np.ndarray], device: torch.device, *,
+               batch: int | None = None) -> list[np.ndarray]:
+    batch = batch or FACE_BATCH.get(device.type, 8)
+    out: list[np.ndarray] = []
+    for chunk in _batches(restored, batch):
+        x = np.ascontiguousarray(np.stack([r.transpose(2, 0, 1) for r in chunk]))
+        x = torch.from_numpy(x).to(device)
+        labels = run_model(parser, (x - 0.5) / 0.5, device).argmax(dim=1).cpu().numpy()
+        out.extend(_soft_mask(lab) for lab in labels)
+    return out
+
+
+def face_mask(parser: LoadedModel, restored: np.ndarray, device: torch.device) -> np.ndarray:
+    return face_masks(parser, [restored], device, batch=1)[0]
+
+
+def _maxval(a: np.ndarray) -> float:
+    return 255.0 if a.dtype == np.uint8 else 65535.0 if a.dtype == np.uint16 else 1.0
+
+
 def paste_face(background: np.ndarray, restored: np.ndarray, mask: np.ndarray,
                affine: np.ndarray, sy: float, sx: float) -> np.ndarray:
+    """Blend the restored face into `background` (float or uint8/uint16, changed in place and
+    returned) over the face's bounding box only: a group photo at 24 MP pays per face for its
+    box, not for two warps of the whole output."""
     oh, ow = background.shape[:2]
     inverse = cv2.invertAffineTransform(affine)
     inverse[0] *= sx
     inverse[1] *= sy
     inverse[0, 2] += 0.5 * sx - 0.5       # pixel centres: out = s * (in + 0.5) - 0.5
     inverse[1, 2] += 0.5 * sy - 0.5
-    face = cv2.warpAffine(restored, inverse, (ow, oh))
-    m = cv2.warpAffine(mask, inverse, (ow, oh), flags=cv2.INTER_AREA)[..., None]
-    return m * face + (1.0 - m) * background
+    n = restored.shape[0]
+    corners = np.array([[0, 0, 1], [n, 0, 1], [0, n, 1], [n, n, 1]], np.float64) @ inverse.T
+    x0 = max(0, int(np.floor(corners[:, 0].min())) - 2)
+    y0 = max(0, int(np.floor(corners[:, 1].min())) - 2)
+    x1 = min(ow, int(np.ceil(corners[:, 0].max())) + 3)
+    y1 = min(oh, int(np.ceil(corners[:, 1].max())) + 3)
+    if x1 <= x0 or y1 <= y0:
+        return background
+    shifted = inverse.copy()
+    shifted[0, 2] -= x0
+    shifted[1, 2] -= y0
+    size = (x1 - x0, y1 - y0)
+    face = cv2.warpAffine(restored, shifted, size)
+    m = cv2.warpAffine(mask, shifted, size, flags=cv2.INTER_AREA)[..., None]
+    region = background[y0:y1, x0:x1]
+    maxval = _maxval(background)
+    base = region.astype(np.float32) / np.float32(maxval) if maxval != 1.0 else region
+    blended = m * face + (1.0 - m) * base
+    if maxval != 1.0:
+        blended = np.clip(blended * np.float32(maxval) + np.float32(0.5), 0, maxval)
+    background[y0:y1, x0:x1] = blended
+    return background
 
 
 # ----------------------------------------------------------------------------- enhancer
@@ -309,6 +544,10 @@ class RealEnhancer:
         self._device = device
         self._models = dict(loaded)
         self._profiles = profiles
+
+    def model(self, role: str) -> LoadedModel | None:
+        """The loaded model for a role (face, background, detector, parser), if any (probe.py)."""
+        return self._models.get(role)
 
     def describe(self) -> dict:
         precisions = {lm.precision for r, lm in self._models.items()
@@ -361,59 +600,85 @@ class RealEnhancer:
             raise UnsupportedError(f"expected float32 HxWx3, got {image.dtype} {image.shape}")
         if not params.upscale > 0:
             raise UnsupportedError(f"upscale must be > 0, got {params.upscale}")
+        if params.bits not in (0, 8, 16):
+            raise UnsupportedError(f"bits must be 0, 8 or 16, got {params.bits}")
         h, w = image.shape[:2]
         oh, ow = max(1, round(h * params.upscale)), max(1, round(w * params.upscale))
         dev = self._device
         timings: dict[str, float] = {}
         used_tile = 0
         faces_done = 0
+        dtype = {0: np.float32, 8: np.uint8, 16: np.uint16}[params.bits]
+        ping = progress and (lambda: _ping(progress))
         with torch.inference_mode():
+            t0 = time.monotonic()
             if params.profile in ("full", "upscale"):
-                t0 = time.monotonic()
                 bg = self._models["background"]
                 tile = self._tile_for(params, h, w)
-                scale = models.ARCHS[bg.arch].scale
-                native, used_tile = upscale_array(sr_callable(bg, dev), image, scale, tile,
-                                                  progress=progress and (lambda: _ping(progress)))
-                background = resize_to(native, oh, ow)
-                timings["upscale"] = (time.monotonic() - t0) * 1000
-            else:
-                t0 = time.monotonic()
+                background = np.empty((oh, ow, 3), dtype)
+                many = sr_batch_callable(bg, dev, GPU_TILE_BATCH) if dev.type == "cuda" else None
+                used_tile = stream_upscale(sr_callable(bg, dev), image, bg.scale, background, tile,
+                                           progress=ping, many=many)
+            elif params.bits == 0:
                 background = resize_to(image, oh, ow)
-                timings["upscale"] = (time.monotonic() - t0) * 1000
+            else:   # the classic resize, streamed into the integer output in bands
+                background = np.empty((oh, ow, 3), dtype)
+                tiles.stream_tiled(lambda x: x, image, 1, background, RESIZE_BAND, pad=8)
+            timings["upscale"] = (time.monotonic() - t0) * 1000
             _ping(progress)
             if params.profile in ("faces", "full"):
-                t0 = time.monotonic()
-                faces = detect_faces(self._models["detector"], image, dev)
-                timings["detect"] = (time.monotonic() - t0) * 1000
-                _ping(progress)
-                t0 = time.monotonic()
-                sy, sx = oh / h, ow / w
-                for face in faces:
-                    aligned = align_face(image, face)
-                    if aligned is None:
-                        log.warning("faces.unalignable", score=face.score)
-                        continue
-                    crop, affine = aligned
-                    try:
-                        restored = restore_face(self._models["face"], crop, dev)
-                    except EnhanceError:
-                        raise
-                    except Exception as exc:
-                        raise EnhanceError(f"face restoration failed: {exc}") from exc
-                    mask = face_mask(self._models["parser"], restored, dev)
-                    background = paste_face(background, restored, mask, affine, sy, sx)
-                    faces_done += 1
-                    _ping(progress)
-                timings["restore"] = (time.monotonic() - t0) * 1000
-        out = np.clip(background, 0.0, 1.0).astype(np.float32, copy=False)
+                faces_done = self._faces(image, background, timings, progress)
+        if background.dtype == np.float32:
+            background = np.clip(background, 0.0, 1.0, out=background)
         used = [lm for role, lm in self._models.items()
                 if role in PROFILE_ROLES[params.profile]]
         prec = {lm.precision for lm in used if lm.arch not in ("parsenet",)
                 and not lm.arch.startswith("retinaface")}
-        return Result(image=out, faces=faces_done, models=[lm.info() for lm in used],
+        return Result(image=background, faces=faces_done, models=[lm.info() for lm in used],
                       device=str(dev), precision="/".join(sorted(prec)) or "fp32",
-                      tile=used_tile, timings_ms={k: round(v, 1) for k, v in timings.items()})
+                      tile=used_tile, timings_ms={k: round(v, 1) for k, v in timings.items()},
+                      bits=params.bits)
+
+    def _faces(self, image: np.ndarray, background: np.ndarray, timings: dict[str, float],
+               progress: Callable[[], None] | None) -> int:
+        """Detect, align, restore all faces in batches, parse, paste (in place). Count."""
+        dev = self._device
+        h, w = image.shape[:2]
+        oh, ow = background.shape[:2]
+        t0 = time.monotonic()
+        faces = detect_faces(self._models["detector"], image, dev)
+        timings["detect"] = (time.monotonic() - t0) * 1000
+        _ping(progress)
+        t0 = time.monotonic()
+        aligned = []
+        for face in faces:
+            got = align_face(image, face)
+            if got is None:
+                log.warning("faces.unalignable", score=face.score)
+                continue
+            aligned.append(got)
+        if not aligned:
+            timings["restore"] = (time.monotonic() - t0) * 1000
+            return 0
+        crops = [c for c, _ in aligned]
+        try:
+            restored = restore_faces(self._models["face"], crops, dev,
+                                     fidelity=self._settings.face_fidelity,
+                                     progress=progress and (lambda: _ping(progress)))
+        except (EnhanceError, _Passthrough):
+            raise
+        except Exception as exc:
+            raise EnhanceError(f"face restoration failed: {exc}") from exc
+        strength = float(self._settings.face_strength)
+        masks = face_masks(self._models["parser"], restored, dev)
+        sy, sx = oh / h, ow / w
+        for crop, (_, affine), face_img, mask in zip(crops, aligned, restored, masks):
+            if strength < 1.0:      # identity over beauty: part of the original face stays
+                face_img = strength * face_img + (1.0 - strength) * crop
+            paste_face(background, face_img.astype(np.float32, copy=False), mask, affine, sy, sx)
+            _ping(progress)
+        timings["restore"] = (time.monotonic() - t0) * 1000
+        return len(aligned)
 
 
 # ---------------------------------------------------------------------------- building
@@ -433,28 +698,72 @@ def _resolve(ref: str, role: str, weights_dir: Path, manifest: Mapping[str, weig
             f"weights {ref}: not a manifest name and no such file — run "
             f"`photoenhanced weights fetch NAME` (names: {', '.join(sorted(manifest))})",
             missing=[ref])
+    if role in ("face", "background"):
+        return path.name, path, weights.sha256_file(path), "local", SPANDREL
     arch = models.guess_arch(models.read_state_dict(path), role)
     return path.name, path, weights.sha256_file(path), "local", arch
 
 
-def _choose_precision(lm: LoadedModel, candidate: str, device: torch.device, explicit: bool,
-                      sample: torch.Tensor, **kwargs) -> LoadedModel:
-    """Warm up in fp32; in auto mode keep `candidate` only when it is close to fp32."""
-    ref = run_model(lm, sample, device, **kwargs).cpu().numpy()
-    if candidate == "fp32":
-        return lm
-    trial = LoadedModel(**{**lm.__dict__, "precision": candidate})
-    if explicit:
-        run_model(trial, sample, device, **kwargs)      # warm the reduced path too
-        return trial
-    got = _forward(trial, sample, device, candidate, **kwargs).float().cpu().numpy()
+SPANDREL = "spandrel"       # _resolve's arch for a user's file: spandrel tells what it is
+
+
+def _load(arch: str, path: Path, role: str, device: torch.device
+          ) -> tuple[str, torch.nn.Module, models.ArchInfo | None]:
+    if arch == SPANDREL:
+        module, info = models.load_spandrel(path, role, device)
+        return f"spandrel:{info.architecture}", module, info
+    return arch, models.load_model(arch, path, device), None
+
+
+def _quality(ref: np.ndarray, got: np.ndarray) -> float:
     lo, hi = float(ref.min()), float(ref.max())
     span = max(hi - lo, 1e-6)
-    quality = psnr((ref - lo) / span, (got - lo) / span) if np.isfinite(got).all() else 0.0
-    keep = quality >= QUALITY_MIN_PSNR_DB
-    log.info("precision.checked", model=lm.name, precision=candidate, psnr_db=round(quality, 1),
-             kept=keep)
-    return trial if keep else lm
+    return psnr((ref - lo) / span, (got - lo) / span) if np.isfinite(got).all() else 0.0
+
+
+def _choose_precision(lm: LoadedModel, candidate: str, device: torch.device, explicit: bool,
+                      sample: torch.Tensor, *, cast: bool = False, compile: bool = False,
+                      **kwargs) -> LoadedModel:
+    """Warm up in fp32; in auto mode keep `candidate` only when it is close to fp32.
+    cast=True: the candidate is a copy of the module prepared once (channels_last where it
+    helps, weights cast to bf16/fp16 with the end convolutions in fp32); the fp32 module stays
+    as the fallback for non-finite output. compile=True: torch.compile the module used, here,
+    at warm-up (never per photo)."""
+    ref = run_model(lm, sample, device, **kwargs).cpu().numpy()
+    cl = cast and lm.family in CHANNELS_LAST_FAMILIES
+    if candidate == "fp32" and not cl and not compile:
+        return lm
+    trial = lm
+    if cl or (cast and candidate != "fp32"):
+        try:
+            fast = prepare_module(copy.deepcopy(lm.module), candidate, channels_last=cl)
+            trial = LoadedModel(**{**lm.__dict__, "module": fast, "precision": candidate,
+                                   "cast": True, "channels_last": cl, "fallback": lm.module})
+            got = run_model(trial, sample, device, **kwargs).cpu().numpy()
+        except (RuntimeError, TypeError) as exc:     # an architecture that will not cast
+            if explicit:
+                raise EnhanceError(f"{lm.name}: {candidate} failed: {exc}") from exc
+            log.info("precision.cast_failed", model=lm.name, precision=candidate,
+                     error=str(exc)[:200])
+            return lm
+    elif candidate != "fp32":
+        trial = LoadedModel(**{**lm.__dict__, "precision": candidate})
+        got = _forward(trial, sample, device, candidate, **kwargs).float().cpu().numpy()
+    else:
+        got = ref
+    if candidate != "fp32" and not explicit:
+        quality = _quality(ref, got)
+        keep = quality >= QUALITY_MIN_PSNR_DB
+        log.info("precision.checked", model=lm.name, precision=candidate,
+                 psnr_db=round(quality, 1), kept=keep)
+        if not keep:
+            return lm
+    if compile:
+        t0 = time.monotonic()
+        trial = LoadedModel(**{**trial.__dict__, "module": compile_module(trial.module)})
+        run_model(trial, sample, device, **kwargs)
+        log.info("model.compiled", model=lm.name, ms=round((time.monotonic() - t0) * 1000))
+    return trial
 
 
 def build_enhancer(settings: EnhancerSettings, *,
@@ -485,6 +794,8 @@ def build_enhancer(settings: EnhancerSettings, *,
     device = resolve_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    else:       # tiles come in few fixed shapes: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True
     candidate = precision_candidate(settings.precision, device)
     explicit = settings.precision != "auto"
 
@@ -494,19 +805,25 @@ def build_enhancer(settings: EnhancerSettings, *,
             name, path, digest, source, arch = resolved[role]
             t0 = time.monotonic()
             try:
-                module = models.load_model(arch, path, device)
+                arch, module, details = _load(arch, path, role, device)
             except models.CheckpointError as exc:
+                if source == "local":    # the user's own file: fetching will not help
+                    raise UnsupportedError(f"weights {name}: {exc}") from exc
                 raise WeightsMissingError(f"weights {name}: {exc} — run `photoenhanced "
                                           f"weights fetch {name}`", missing=[name]) from exc
-            lm = LoadedModel(name, arch, digest, source, path, module, "fp32")
+            lm = LoadedModel(name, arch, digest, source, path, module, "fp32", details=details)
             if role == "background":
-                sample = torch.from_numpy(test_pattern(48, 48).transpose(2, 0, 1).copy())[None]
-                lm = _choose_precision(lm, candidate, device, explicit, sample.to(device))
+                multiple = max(2, details.multiple_of if details else 1)
+                side = max(48, details.minimum if details else 0, multiple)
+                side = -(-side // multiple) * multiple
+                sample = torch.from_numpy(test_pattern(side, side).transpose(2, 0, 1).copy())[None]
+                lm = _choose_precision(lm, candidate, device, explicit, sample.to(device),
+                                       cast=True, compile=settings.compile)
             elif role == "face":
                 sample = torch.from_numpy(test_pattern(512, 512).transpose(2, 0, 1).copy())[None]
                 lm = _choose_precision(lm, candidate, device, explicit,
                                        ((sample - 0.5) / 0.5).to(device),
-                                       return_rgb=False, randomize_noise=False)
+                                       **_face_call(lm, settings.face_fidelity))
             elif role == "parser":
                 run_model(lm, torch.zeros(1, 3, 512, 512, device=device), device)
             else:   # detector

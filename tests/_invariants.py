@@ -143,9 +143,10 @@ class Entry:
     data: bytes | None    # contents of a regular file
 
 
-def walk(root: Path) -> list[Entry]:
+def walk(root: Path, prune_tmp: bool = False) -> list[Entry]:
     """Every entry under root (directories excluded), read through directory fds; symlinks and
-    special files are listed (mode) but never followed or opened."""
+    special files are listed (mode) but never followed or opened. Entries that vanish while we
+    look (a running daemon) are skipped; prune_tmp skips the temp folders."""
     out: list[Entry] = []
     broot = os.fsencode(root)
     if not os.path.isdir(broot) or os.path.islink(broot):
@@ -153,8 +154,14 @@ def walk(root: Path) -> list[Entry]:
     for dirpath, dirnames, filenames, dirfd in os.fwalk(broot, follow_symlinks=False):
         rel_dir = os.path.relpath(dirpath, broot) if dirpath != broot else b""
         names = list(filenames)
+        if prune_tmp and TMP_DIR in dirnames:
+            dirnames.remove(TMP_DIR)
         for d in list(dirnames):             # fwalk lists symlinks to folders as folders
-            st = os.stat(d, dir_fd=dirfd, follow_symlinks=False)
+            try:
+                st = os.stat(d, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                dirnames.remove(d)
+                continue
             if not stat.S_ISDIR(st.st_mode):
                 dirnames.remove(d)
                 names.append(d)
@@ -168,6 +175,8 @@ def walk(root: Path) -> list[Entry]:
             if stat.S_ISREG(st.st_mode):
                 try:
                     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+                except FileNotFoundError:
+                    continue
                 except PermissionError:
                     data = None
                 else:
@@ -477,8 +486,8 @@ def ended(tmp_path: Path) -> set[str]:
     """sha256 of every original that has a sidecar in outbox/ or failed/ (input.sha256)."""
     out = set()
     for folder in ("outbox", "failed"):
-        for e in walk(tmp_path / folder):
-            if e.rel.endswith(b".json") and e.data and not e.rel.startswith(TMP_DIR + b"/"):
+        for e in walk(tmp_path / folder, prune_tmp=True):
+            if e.rel.endswith(b".json") and e.data:
                 try:
                     out.add(json.loads(e.data)["input"]["sha256"])
                 except (ValueError, KeyError, TypeError):

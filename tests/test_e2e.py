@@ -33,7 +33,7 @@ def test_nested_photos_come_out_with_sidecars_and_originals_archived(tmp_path, d
         assert len(side["input"]["sha256"]) == 64
         for key in ("models", "timings_ms", "versions", "attempts", "profile", "job", "created"):
             assert key in side, key
-        assert (tmp_path / "archive" / n).is_file()
+        wait_for((tmp_path / "archive" / n).is_file, 10, what=f"{n} archived")   # archived after the sidecar
     wait_for(lambda: not any(p.is_file() for p in (tmp_path / "inbox").rglob("*")), 10, what="empty inbox")
     st = cli(cfg, "status", "--json")
     assert st.returncode == 0, st.stderr
@@ -125,7 +125,7 @@ def test_name_collision_and_duplicate_copy(tmp_path, daemon_factory):
     data = json.loads(second.read_text())
     assert data["duplicate_of"] == 1
     assert (tmp_path / "outbox" / "same (1).jpg").read_bytes() == (tmp_path / "outbox" / "same.jpg").read_bytes()
-    assert (tmp_path / "archive" / "same (1).jpg").is_file()
+    wait_for((tmp_path / "archive" / "same (1).jpg").is_file, 10, what="archived after its sidecar")
     assert d.stop() == 0
 
 

@@ -43,6 +43,7 @@ def test_slow_writer_is_taken_once_and_complete(tmp_path, daemon_factory):
     wait_for((tmp_path / "outbox" / "slow.jpg.json").exists, 30, what="slow file done")
     side = json.loads((tmp_path / "outbox" / "slow.jpg.json").read_text())
     assert side["input"]["bytes"] == len(data)
+    wait_for((tmp_path / "archive" / "slow.jpg").is_file, 10, what="archived after its sidecar")
     assert (tmp_path / "archive" / "slow.jpg").read_bytes() == data
     assert len([e for e in d.events() if e.get("event") == "job.queued"]) == 1
     assert d.stop() == 0

@@ -245,7 +245,8 @@ def test_16bit_rgb_png_keeps_every_bit_and_metadata(tmp_path):
     back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     assert back.dtype == np.uint16 and np.array_equal(back[::2, ::2], a16)
     im = Image.open(io.BytesIO(data))
-    assert im.info["icc_profile"] == other_icc() and im.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+    # dpi scales with the pixels (×2 here) so the print size is unchanged (enhancer/metadata.py)
+    assert im.info["icc_profile"] == other_icc() and im.info["dpi"] == pytest.approx((600, 600), abs=0.01)
     assert im.getexif().get_ifd(0x8769)[0xA002] == 24
 
 

@@ -722,3 +722,29 @@ def test_a_rel_path_through_a_symlinked_folder_never_touches_files_outside_the_i
         pass
     assert (outside / "secret.jpg").read_bytes() == ORIG
     assert files(dirs.failed) == {} or not any(v == ORIG for v in files(dirs.failed).values())
+
+
+def test_adopt_orphans_places_a_sidecar_whose_result_was_placed_before_a_crash(dirs):
+    """The queue was lost after the result was placed and before its sidecar: the sidecar waiting in
+    the temp folder is placed (its result checked by sha256), so the rebuild recognises the work."""
+    import hashlib
+    from watcher import sidecar as sidecar_mod
+    drop(dirs.inbox, "a/IMG.jpg")
+    pub = dirs.publisher()
+    sc = {"status": "done", "job": 7, "outputs": [{"sha256": hashlib.sha256(RESULT).hexdigest()}]}
+    plan = pub.plan_done(7, "a/IMG.jpg", *_ident(dirs.inbox / "a/IMG.jpg"), RESULT, "IMG.jpg", sc,
+                         render_sidecar=sidecar_mod.render)
+    pub.execute({**plan, "steps": plan["steps"][:1]})                # result placed, then the crash
+    assert not (dirs.outbox / "a/IMG.jpg.json").exists()
+    other = dirs.publisher()
+    assert other.adopt_orphans() == 1
+    side = json.loads((dirs.outbox / "a/IMG.jpg.json").read_text())
+    assert side["job"] == 7 and side["outputs"][0]["path"] == str(dirs.outbox / "a/IMG.jpg")
+    assert other.adopt_orphans() == 0                                # nothing twice
+    drop(dirs.inbox, "b/IMG.jpg")
+    plan = pub.plan_done(8, "b/IMG.jpg", *_ident(dirs.inbox / "b/IMG.jpg"), RESULT, "IMG.jpg",
+                         {**sc, "job": 8}, render_sidecar=sidecar_mod.render)
+    pub.execute({**plan, "steps": plan["steps"][:1]})
+    (dirs.outbox / "b/IMG.jpg").write_bytes(b"edited by someone")    # not the result the sidecar describes
+    assert other.adopt_orphans() == 0
+    assert not (dirs.outbox / "b/IMG.jpg.json").exists()

@@ -453,7 +453,7 @@ def test_a_version_1_queue_is_migrated_in_place_and_keeps_its_jobs(tmp_path):
     raw.close()
     q = Queue(path)
     try:
-        assert q.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert q.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert [j.rel_path for j in q.jobs(DONE)] == ["a.jpg"] and q.done_since(4) == 1
         assert q.jobs(DONE)[0].interruptions == 0
         names = {r[0] for r in q.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -474,7 +474,7 @@ def test_a_version_2_queue_gains_interruptions_and_keeps_its_jobs(tmp_path):
     raw.close()
     q = Queue(path)
     try:
-        assert q.db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert q.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert q.jobs()[0].interruptions == 0
         assert q.requeue_running(now=T0)[0].interruptions == 1
     finally:

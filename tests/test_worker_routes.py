@@ -258,3 +258,18 @@ def test_reconcile_runs_again_when_a_folder_comes_back(rig):
     stats = reconcile(rig.worker, rig.queue, now=rig.now)
     assert stats["done"] == 1 and rig.queue.jobs()[0].state == "done"
     assert not list((rig.cfg.folders.outbox / TMP_DIR).iterdir())
+
+
+def test_a_travelling_xmp_companion_gets_the_history_entry_too(rig):
+    rig.drop("x.jpg")
+    xmp = (b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+           b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about=""'
+           b' xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:subject><rdf:Bag><rdf:li>holiday</rdf:li>'
+           b'</rdf:Bag></dc:subject></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
+    (rig.inbox / "x.xmp").write_bytes(xmp)
+    rig.take("x.jpg")
+    out = rig.run()
+    assert out.state == "done"
+    got = (rig.cfg.folders.outbox / "x.xmp").read_bytes()
+    assert b"holiday" in got and b"photoenhanced" in got and b"History" in got
+    assert (rig.cfg.folders.archive / "x.xmp").read_bytes() == xmp      # the original companion, untouched

@@ -22,36 +22,75 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="photoenhanced", description="Watch-folder photo enhancer (GFPGAN + Real-ESRGAN).")
     p.add_argument("--config", help="config file (default: $PHOTOENHANCED_CONFIG, /etc/photoenhanced/config.yaml, ./config.yaml)")
-    p.add_argument("--log-format", choices=("auto", "json", "text"))
+    p.add_argument("--log-format", choices=("auto", "json", "text"),
+                   help="log lines as JSON or text (default: log.format; auto = JSON unless on a terminal)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     sub.add_parser("run", help="the daemon, in the foreground")
     s = sub.add_parser("status", help="what the daemon is doing")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON: daemon, counts, current")
     s = sub.add_parser("list", help="jobs")
-    s.add_argument("--state", choices=("pending", "running", "done", "failed"))
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--state", choices=("pending", "running", "done", "failed"), help="only jobs in this state")
+    s.add_argument("--json", action="store_true", help="print a JSON list of jobs")
+    s.add_argument("--limit", type=int, help="at most this many jobs")
     s = sub.add_parser("retry", help="put failed jobs back in the queue")
-    s.add_argument("ids", nargs="*", type=int)
+    s.add_argument("ids", nargs="*", type=int, metavar="ID", help="a failed job's id (see list --state failed)")
     s.add_argument("--failed", action="store_true", help="every failed job")
     s = sub.add_parser("enqueue", help="queue files inside the inbox now, without the settle wait")
-    s.add_argument("paths", nargs="+")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="a file inside the inbox")
     s = sub.add_parser("enhance", help="enhance a file or a folder once, without the daemon")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--profile", choices=("faces", "full", "upscale"))
-    s.add_argument("--upscale", type=float)
+    s.add_argument("input", metavar="IN", help="an image file, or a folder (walked recursively)")
+    s.add_argument("output", metavar="OUT", help="the result file, or a folder when IN is a folder")
+    s.add_argument("--profile", choices=("faces", "full", "upscale"), help="default: enhance.profile")
+    s.add_argument("--upscale", type=float, help="output size / input size, 1–4 (default: enhance.upscale)")
     s = sub.add_parser("weights", help="model weights: list, fetch, verify")
     wsub = s.add_subparsers(dest="wverb", required=True, metavar="ACTION")
-    wl = wsub.add_parser("list")
-    wl.add_argument("--json", action="store_true")
+    wl = wsub.add_parser("list", help="every weight in the manifest and its state in weights_dir")
+    wl.add_argument("--json", action="store_true", help="print JSON")
     wf = wsub.add_parser("fetch", help="the weights the config needs (or NAME…, or --all)")
-    wf.add_argument("names", nargs="*")
+    wf.add_argument("names", nargs="*", metavar="NAME", help="a name from `weights list` (default: what the config needs)")
     wf.add_argument("--all", action="store_true", help="every weight in the manifest")
-    wv = wsub.add_parser("verify")
-    wv.add_argument("names", nargs="*")
+    wv = wsub.add_parser("verify", help="check the sha256 of the weights in weights_dir")
+    wv.add_argument("names", nargs="*", metavar="NAME", help="only these (default: every file present)")
     sub.add_parser("check-config", help="validate the config and the folders")
+    s = sub.add_parser("schema", help="print a published JSON Schema (draft 2020-12)")
+    s.add_argument("what", choices=("sidecar",), help="sidecar: the photo's JSON sidecar")
+    s = sub.add_parser("queue", help="the job queue: migrate the PostgreSQL schema, or copy a queue")
+    qsub = s.add_subparsers(dest="qverb", required=True, metavar="ACTION")
+    qm = qsub.add_parser("migrate", help="apply the PostgreSQL schema (queue.url or --to); with --from, copy "
+                                         "every job of that queue into it")
+    qm.add_argument("--from", dest="src", metavar="URL", help="sqlite:PATH (or sqlite: for state_dir's) to copy from")
+    qm.add_argument("--to", dest="dst", metavar="URL", help="postgresql://… (default: queue.url)")
+    s = sub.add_parser("init", help="write DIR/config.yaml (the documented defaults) and create its four folders")
+    s.add_argument("dir", nargs="?", default=".", metavar="DIR", help="where (default: the current folder)")
+    s = sub.add_parser("doctor", help="check everything `run` needs: ✓/✗ per line with the fix; exit 1 on any ✗")
+    s.add_argument("--no-bench", action="store_true", help="skip the micro-benchmark (it loads the models)")
+    s.add_argument("--json", action="store_true", help="print the checks as JSON")
+    s = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    s.add_argument("shell", choices=("bash", "zsh"),
+                   help="e.g. photoenhanced completion bash > ~/.local/share/bash-completion/completions/photoenhanced")
+    sub.add_parser("pause", help="the daemon finishes the photo in hand, then takes no new one until resume")
+    sub.add_parser("resume", help="the daemon takes photos again after pause")
+    s = sub.add_parser("web", help="the web page and JSON API (a separate process from the daemon)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: web.listen, 127.0.0.1:8765)")
     return p
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("photoenhanced")
+    except metadata.PackageNotFoundError:
+        return "(not installed as a package: run scripts/setup or pip install .)"
+
+
+MODEL_STACK = ("torch", "torchvision", "basicsr", "facexlib", "gfpgan")
+
+
+def _missing_model_stack() -> list[str]:
+    from importlib.util import find_spec
+    return [m for m in MODEL_STACK if find_spec(m) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EX_USAGE if exc.code not in (0, None) else EX_OK
+    if args.verb in EARLY_VERBS:        # no config needed (init, completion), or its own report of it (doctor)
+        try:
+            return EARLY_VERBS[args.verb](args, parser)
+        except KeyboardInterrupt:
+            return 130
+    if args.verb in ("run", "enhance") and _missing_model_stack():
+        print(f"photoenhanced: {args.verb} needs the model stack, which is not installed here (missing: "
+              f"{', '.join(_missing_model_stack())}). `pip install .` installs only the light CLI; "
+              "install everything pinned with scripts/setup (see pyproject.toml for why)", file=sys.stderr)
+        return EX_RUNTIME
     cfg_path = config_mod.find_config(args.config)
     if args.verb == "run":
         from .daemon import run
@@ -82,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"photoenhanced: {exc}", file=sys.stderr)
         return EX_RUNTIME
     except StateUnavailable as exc:
-        print(f"photoenhanced: the queue in {cfg.state_dir} cannot be used: {exc.reason}", file=sys.stderr)
+        from .backends import where
+        print(f"photoenhanced: the queue in {where(cfg)} cannot be used: {exc.reason}", file=sys.stderr)
         return EX_RUNTIME
     except QueueCorrupt as exc:
         print(f"photoenhanced: the queue is damaged ({exc}); the daemon moves it aside and rebuilds it "
@@ -95,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 # --- verbs -------------------------------------------------------------------------------------
 
 def _queue(cfg, readonly=True):
+    from . import backends
+    if backends.is_postgres(cfg.queue.url):
+        return backends.connect(cfg, readonly=readonly)
     from .queue import Queue
     if readonly and not cfg.queue_path.exists():
         return None
@@ -104,45 +157,62 @@ def _queue(cfg, readonly=True):
 
 
 def cmd_check_config(cfg, args) -> int:
+    """Exit 0 for a valid config (78 is main's, before this runs). Folders that `run` creates are
+    listed apart from problems that block work (the daemon starts and waits until they are fixed)."""
+    from .doctor import can_create_in
     problems = config_mod.folder_problems(cfg, create=False)
+    created, blocking = [], []
+    for name, p in {"inbox": cfg.folders.inbox, **cfg.target_folders(), "state_dir": cfg.state_dir}.items():
+        if name not in problems:
+            continue
+        if name != "inbox" and not os.path.lexists(p) and can_create_in(next(q for q in p.parents if q.exists())):
+            created.append(name)
+        else:
+            blocking.append(name)
     print(f"config {cfg.path}: ok")
     for name, p in {**cfg.target_folders(), "inbox": cfg.folders.inbox, "state_dir": cfg.state_dir}.items():
-        print(f"  {name:10} {p}" + (f"   ({problems[name]})" if name in problems else ""))
+        note = "   (missing: run creates it)" if name in created else (f"   ({problems[name]})" if name in blocking else "")
+        print(f"  {name:10} {p}{note}")
     print(f"  profile    {cfg.enhance.profile} ×{cfg.enhance.upscale:g} on {cfg.enhance.device}")
+    if created:
+        print(f"will be created when the daemon starts: {', '.join(created)}")
+    if blocking:
+        print("blocking (the daemon starts, but waits until these are fixed):")
+        for name in blocking:
+            fix = (f"mkdir -p {cfg.folders.inbox}, or mount the share there" if name == "inbox" and not cfg.folders.inbox.exists()
+                   else "give the daemon's user write permission, or mount it read-write")
+            print(f"  {problems[name]} — {fix}")
+    else:
+        print("nothing blocks: weights, device and speed are checked by `photoenhanced doctor`")
     return EX_OK
 
 
 def cmd_status(cfg, args) -> int:
-    from . import names
-    from .daemon import StateLock
-    running = StateLock.held(cfg.state_dir)
-    counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
-    d = None
+    from . import control, names
     try:
         q = _queue(cfg)
-        if q:
-            try:
-                counts, d = q.counts(), q.daemon()
-            finally:
-                q.close()
     except (StateUnavailable, QueueCorrupt) as exc:
-        print(f"photoenhanced: the queue cannot be read: {names.safe(str(exc))}", file=sys.stderr)
-    d = dict(d or {})
-    note = StateLock.read_note(cfg.state_dir) if running else None
-    if note and (note.get("updated") or 0) > (d.get("updated") or 0):
-        # newer than the queue's status row: the daemon could not write the queue (full state_dir …)
-        d.update(state=note.get("state"), reason=note.get("reason"), updated=note.get("updated"))
-    state = d.get("state") if running else "stopped"
-    out = {"daemon": {"running": running, "pid": d.get("pid") if running else None, "state": state,
-                      "reason": d.get("reason") if running else None, "since": d.get("started"),
-                      "updated": d.get("updated")},
-           "counts": counts, "current": d.get("current") if running else None,
-           "metrics": d.get("metrics")}
+        q, problem = None, names.safe(str(exc))
+    else:
+        problem = None
+    hosts: list = []
+    try:
+        out, read_problem = control.status(cfg, q)
+        if q is not None and hasattr(q, "hosts"):
+            try:
+                hosts = q.hosts()
+            except (StateUnavailable, QueueCorrupt):
+                hosts = []
+    finally:
+        if q:
+            q.close()
+    out["hosts"] = _host_rows(cfg, hosts)
+    problem = problem or read_problem
+    if problem:
+        print(f"photoenhanced: the queue cannot be read: {problem}", file=sys.stderr)
+    running, counts = out["daemon"]["running"], out["counts"]
     if getattr(args, "json", False):
-        cur = out["current"]
-        if isinstance(cur, dict) and isinstance(cur.get("path"), str):   # exact bytes as path_b64
-            out["current"] = {**cur, **names.fields(cur["path"])}
-        print(json.dumps(names.encodable(out), indent=2))
+        print(json.dumps(control.encodable_status(out), indent=2))
         return EX_OK
     dd = out["daemon"]
     if running:
@@ -151,12 +221,37 @@ def cmd_status(cfg, args) -> int:
             line += f": {names.safe(str(dd['reason']))}"
     else:
         line = "photoenhanced: not running"
+    if dd["paused"] and dd["state"] != "paused":
+        line += " (paused: run photoenhanced resume)"
     print(line)
     if out["current"]:
         cur = out["current"]
         print(f"  now:     {names.display(str(cur.get('path') or ''))} ({names.safe(str(cur.get('stage') or ''))})")
     print("  queue:   " + " · ".join(f"{counts[k]} {k}" for k in ("pending", "running", "done", "failed")))
+    if out["hosts"] and (len(out["hosts"]) > 1 or getattr(cfg.queue, "url", None) not in (None, "sqlite:")):
+        from .backends import where
+        print(f"  hosts:   {len(out['hosts'])} on {where(cfg)}")
+        for h in out["hosts"]:
+            job = f" job {h['current_job']}" if h.get("current_job") else ""
+            print(f"    {names.safe(str(h['name']))} [{h['id']}] pid {h['pid']} v{names.safe(str(h['version']))}: "
+                  f"{h['health']}, {names.safe(str(h.get('state') or '-'))}{job}, seen {h['seen_s_ago']} s ago")
     return EX_OK
+
+
+def _host_rows(cfg, hosts: list) -> list:
+    """Every daemon registered in the queue, with `health`: alive (heartbeat within a lease),
+    silent (missed it: dead or cut off; its jobs go back to pending when their leases expire),
+    stopped."""
+    import time
+    from . import names
+    now, lease = time.time(), float(getattr(cfg.queue, "lease_seconds", 60) or 60)
+    out = []
+    for h in hosts:
+        seen = h.get("last_seen") or 0
+        health = "stopped" if h.get("state") == "stopped" else ("alive" if now - seen <= lease else "silent")
+        out.append({**{k: (names.safe(v) if isinstance(v, str) else v) for k, v in h.items()},
+                    "health": health, "seen_s_ago": round(now - seen, 1) if seen else None})
+    return out
 
 
 def _fmt_t(t):
@@ -164,21 +259,8 @@ def _fmt_t(t):
 
 
 def _public_json(row: dict) -> dict:
-    """A `list --json` row that is valid JSON for any name: `path` (and each output's `path`) in
-    names.display form with `path_b64` (the exact bytes) when they differ; `interruptions` passed
-    through when the queue has it; any other string holding undecodable bytes displayed."""
-    from . import names
-    out: dict = {}
-    for k, v in row.items():                      # keep the key order; path_b64 right after path
-        if k == "path" and isinstance(v, str):
-            out.update(names.fields(v))
-        else:
-            out[k] = v
-    row, outs = out, out.get("outputs")
-    if isinstance(outs, list):
-        row["outputs"] = [{**o, **names.fields(o["path"])} if isinstance(o, dict) and isinstance(o.get("path"), str)
-                          else o for o in outs]
-    return names.encodable(row)
+    from .control import public_job
+    return public_job(row)
 
 
 def cmd_list(cfg, args) -> int:
@@ -200,46 +282,49 @@ def cmd_list(cfg, args) -> int:
 
 
 def cmd_retry(cfg, args) -> int:
-    from . import intake, names, safefs
-    from .publish import Publisher
+    from . import control, names
     if not args.ids and not args.failed:
         raise UsageError("retry needs job ids or --failed")
-    f = cfg.folders
-    pub = Publisher(f.inbox, f.outbox, f.failed, f.archive, cfg.jobs.originals)
+    pub = control.publisher(cfg)
     q = _queue(cfg, readonly=False)
     try:
         ids = [j.id for j in q.jobs("failed")] if args.failed else args.ids
         for i in ids:
-            job = q.get(i)
-            if job.state != "failed":
-                raise InvalidTransition(f"job {i} is {job.state}, not failed")
-            src = job.outputs[0]["path"] if job.outputs else None
-            shown = names.display(job.rel_path)
             try:
-                here = src is not None and pub._lstat(Path(src)) is not None
-                if here:
-                    pub.restore(src, job.rel_path)
-                elif safefs.lstat(f.inbox, job.rel_path) is None:
-                    print(f"photoenhanced: job {i}: the original is neither in failed/ nor in the inbox", file=sys.stderr)
-                    return EX_RUNTIME
-            except FileExistsError:
-                print(f"photoenhanced: job {i}: {names.display(str(f.inbox / job.rel_path))} is taken by another "
-                      "file; move it first", file=sys.stderr)
+                job = control.retry_job(cfg, q, i, "cli", pub)
+            except control.RetryRefused as exc:
+                print(f"photoenhanced: {exc}", file=sys.stderr)
                 return EX_RUNTIME
-            except (OSError, ValueError) as exc:
-                print(f"photoenhanced: job {i}: cannot restore {names.display(str(src))}: "
-                      f"{names.safe(getattr(exc, 'strerror', None) or str(exc))}", file=sys.stderr)
-                return EX_RUNTIME
-            try:
-                file = intake.fingerprint(f.inbox, job.rel_path)
-            except OSError as exc:
-                print(f"photoenhanced: job {i}: {shown}: {names.safe(exc.strerror or str(exc))}", file=sys.stderr)
-                return EX_RUNTIME
-            q.retry(i, file=file)
-            print(f"job {i}: pending again ({shown})")
+            print(f"job {i}: pending again ({names.display(job.rel_path)})")
     finally:
         q.close()
     return EX_OK
+
+
+def cmd_pause(cfg, args) -> int:
+    q = _queue(cfg, readonly=False)
+    try:
+        was = q.set_paused(True, "cli")
+    finally:
+        q.close()
+    print("paused: the daemon finishes the photo in hand, then waits for photoenhanced resume"
+          if not was else "already paused")
+    return EX_OK
+
+
+def cmd_resume(cfg, args) -> int:
+    q = _queue(cfg, readonly=False)
+    try:
+        was = q.set_paused(False, "cli")
+    finally:
+        q.close()
+    print("resumed" if was else "not paused")
+    return EX_OK
+
+
+def cmd_web(cfg, args) -> int:
+    from .web import serve
+    return serve(cfg, args.listen, args.log_format)
 
 
 def cmd_enqueue(cfg, args) -> int:
@@ -283,6 +368,11 @@ def cmd_enqueue(cfg, args) -> int:
 
 def cmd_weights(cfg, args) -> int:
     from enhancer import weights
+    known = weights.load_manifest()
+    unknown = [n for n in getattr(args, "names", None) or () if n not in known]
+    if unknown:
+        raise UsageError(f"unknown weight{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
     if args.wverb == "list":
         rows = weights.list_weights(cfg.weights_dir)
         if args.json:
@@ -295,6 +385,9 @@ def cmd_weights(cfg, args) -> int:
         return EX_OK
     if args.wverb == "verify":
         rows = weights.verify(cfg.weights_dir, args.names or None)
+        if not rows:
+            print(f"no weights in {cfg.weights_dir} to verify — run photoenhanced weights fetch", file=sys.stderr)
+            return EX_RUNTIME
         bad = [r for r in rows if not r.get("ok")]
         for r in rows:
             print(f"{r['name']:24} {'ok' if r.get('ok') else 'FAILED: ' + str(r.get('reason'))}")
@@ -310,7 +403,12 @@ def cmd_weights(cfg, args) -> int:
         bar.update(done - bar.n)
 
     names = args.names or (None if args.all else _needed_weights(cfg))
-    rows = weights.fetch(cfg.weights_dir, names, progress=progress)
+    try:
+        rows = weights.fetch(cfg.weights_dir, names, progress=progress)
+    except ImportError as exc:       # an offline conversion needs torch: a light `pip install .`
+        print(f"photoenhanced: weights fetch: {exc}; the offline conversions need the model stack — "
+              "run scripts/setup", file=sys.stderr)
+        return EX_RUNTIME
     for bar in bars.values():
         bar.close()
     bad = [r for r in rows if not r.get("ok")]
@@ -320,15 +418,8 @@ def cmd_weights(cfg, args) -> int:
 
 
 def _needed_weights(cfg) -> list[str]:
-    """The manifest names every configured profile and hot folder needs (local .pth paths excluded)."""
-    s = cfg.enhancer_settings()
-    names: set[str] = set()
-    for profile, _ in s.needs:
-        if profile in ("faces", "full"):
-            names |= {s.face_model, s.detector_model, "parsenet"}
-        if profile in ("full", "upscale"):
-            names.add(s.background_model)
-    return sorted(n for n in names if not n.endswith(".pth"))
+    from .doctor import needed_weights
+    return needed_weights(cfg)
 
 
 def cmd_enhance(cfg, args) -> int:
@@ -337,7 +428,111 @@ def cmd_enhance(cfg, args) -> int:
 
 
 VERBS = {"check-config": cmd_check_config, "status": cmd_status, "list": cmd_list, "retry": cmd_retry,
-         "enqueue": cmd_enqueue, "weights": cmd_weights, "enhance": cmd_enhance}
+         "enqueue": cmd_enqueue, "weights": cmd_weights, "enhance": cmd_enhance,
+         "pause": cmd_pause, "resume": cmd_resume, "web": cmd_web, "queue": lambda cfg, args: cmd_queue(cfg, args)}
+
+
+def cmd_queue(cfg, args) -> int:
+    """`queue migrate [--from sqlite:PATH] [--to postgresql://…]`: apply the PostgreSQL migrations;
+    with --from, copy that queue's jobs in (the source daemon must be stopped). Never prints a password."""
+    from . import backends
+    from .migrate import copy_queue
+    dst = args.dst or cfg.queue.url
+    if not backends.is_postgres(dst):
+        raise UsageError("queue migrate needs a postgresql:// target (--to or queue.url)")
+    if args.src is not None and not args.src.startswith("sqlite:"):
+        raise UsageError("--from takes sqlite:PATH (or sqlite: for this state_dir's queue)")
+    from .pgqueue import SCHEMA_VERSION, migrate
+    applied = migrate(dst)
+    shown = backends.mask_url(dst)
+    print(f"{shown}: schema {SCHEMA_VERSION}" + (f" (applied {', '.join(map(str, applied))})" if applied else
+                                                 " (up to date)"))
+    if args.src is not None:
+        from .errors import WatcherError
+        try:
+            n = copy_queue(backends.sqlite_path(args.src, cfg.state_dir), dst)
+        except WatcherError as exc:
+            print(f"photoenhanced: {backends.scrub(str(exc), dst)}", file=sys.stderr)
+            return EX_RUNTIME
+        print(f"copied {n['jobs']} jobs ({n['pending']} pending, {n['done']} done, {n['failed']} failed,"
+              f" {n['requeued']} running → pending) into {shown}")
+    return EX_OK
+
+
+# --- verbs that run before (or without) loading the config ------------------------------------
+
+def _prog() -> str:
+    """How the user called us, for commands we print (`.venv/bin/photoenhanced`, `photoenhanced`)."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    return arg0 if os.path.basename(arg0) == "photoenhanced" else "photoenhanced"
+
+
+def cmd_init(args, parser) -> int:
+    import time
+    from .init import ConfigExists, init
+    try:
+        done = init(Path(args.dir), time.time())
+    except ConfigExists as exc:
+        print(f"photoenhanced: {exc}", file=sys.stderr)
+        return EX_RUNTIME
+    except ConfigError as exc:
+        print(f"photoenhanced: the written config does not load: {'; '.join(exc.problems)}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"photoenhanced: init {args.dir}: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return EX_RUNTIME
+    print(f"wrote {done.config} (every key documented inline)")
+    for name, p, created in done.folders:
+        print(f"  {name:8} {p}{'' if created else '   (already there)'}")
+    print(f"next: {_prog()} --config {done.config} weights fetch    (then doctor, then run)")
+    return EX_OK
+
+
+def cmd_doctor(args, parser) -> int:
+    from . import doctor
+    cfg_path = config_mod.find_config(args.config)
+    shown: list = []
+
+    def emit(c) -> None:
+        shown.append(c)
+        if not args.json:
+            print(c.line(), flush=True)
+    try:
+        cfg = config_mod.load(cfg_path)
+    except ConfigError as exc:
+        emit(doctor.Check(False, "config", f"{cfg_path}: " + "; ".join(exc.problems),
+                          f"fix the config, or make one: {_prog()} init DIR"))
+    else:
+        from . import logs
+        logs.configure(args.log_format or "text", "warning", stream=sys.stderr)
+        for c in doctor.checks(cfg, _prog(), Path(os.path.abspath(cfg_path)), bench=not args.no_bench):
+            emit(c)
+    code = doctor.exit_code(shown)
+    if args.json:
+        print(json.dumps({"ok": code == 0, "checks": [c.public() for c in shown]}, indent=2))
+    else:
+        print("ready: `run` has everything it needs" if code == 0 else "not ready: fix the ✗ lines above")
+    return code
+
+
+def cmd_completion(args, parser) -> int:
+    try:
+        import shtab
+    except ImportError:
+        print("photoenhanced: shell completion needs the shtab package (scripts/setup installs it; "
+              "or pip install shtab)", file=sys.stderr)
+        return EX_RUNTIME
+    print(shtab.complete(parser, shell=args.shell))
+    return EX_OK
+
+
+def cmd_schema(args, parser) -> int:
+    from . import sidecar
+    sys.stdout.write(sidecar.schema_text())
+    return EX_OK
+
+
+EARLY_VERBS = {"init": cmd_init, "doctor": cmd_doctor, "completion": cmd_completion, "schema": cmd_schema}
 
 
 if __name__ == "__main__":

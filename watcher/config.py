@@ -62,6 +62,9 @@ class Enhance:
     jpeg_quality: int = 95
     max_input_megapixels: float = 80.0
     max_output_megapixels: float = 64.0
+    provenance: bool = True           # stamp EXIF Software, XMP history and IPTC digital source type
+    face_fidelity: float = 0.5        # CodeFormer's w (0 = quality … 1 = fidelity); GFPGAN ignores it
+    face_strength: float = 1.0        # restored face blended over the original (1 = restored only)
     models: Models = Models()
     folders: tuple[tuple[str, FolderOverride], ...] = ()
 
@@ -105,6 +108,46 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Web:
+    listen: str = "127.0.0.1:8765"    # HOST:PORT of `photoenhanced web`
+    insecure_remote: bool = False     # allow a non-loopback listen address (plain HTTP, no TLS)
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as "[::1]:8765") → (host, port); ValueError naming what is wrong."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    url: str | None = None            # None / "sqlite:" = state_dir/queue.sqlite3; "postgresql://…" = shared
+    lease_seconds: float = 60.0       # a claimed job returns to pending this long after its host's last heartbeat
+
+
+def _queue_url(ctx, key, v):
+    from .backends import is_postgres, mask_url
+    if v is None or v == "sqlite:" or (isinstance(v, str) and is_postgres(v)):
+        return v
+    ctx.err(key, f"expected sqlite: or postgresql://USER@HOST:PORT/DB, got {mask_url(str(v))!r}")
+    return None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     folders: Folders
@@ -115,6 +158,8 @@ class Config:
     jobs: Jobs = Jobs()
     hooks: Hooks = Hooks()
     log: Log = Log()
+    web: Web = Web()
+    queue: QueueSettings = QueueSettings()
 
     @property
     def queue_path(self) -> Path:
@@ -128,7 +173,8 @@ class Config:
         return EnhancerSettings(
             weights_dir=self.weights_dir, device=e.device, precision=e.precision, tile=e.tile,
             face_model=e.models.face, background_model=e.models.background,
-            detector_model=e.models.detector, needs=tuple(sorted(needs)))
+            detector_model=e.models.detector, needs=tuple(sorted(needs)),
+            face_fidelity=float(e.face_fidelity), face_strength=float(e.face_strength))
 
     def target_folders(self) -> dict[str, Path]:
         out = {"outbox": self.folders.outbox, "failed": self.folders.failed}
@@ -241,6 +287,15 @@ _upscale = _num(1, 4)
 _FOLDER_OVERRIDE = {"profile": _enum(*PROFILES), "upscale": _upscale}
 
 
+def _listen(ctx, key, v):
+    try:
+        split_listen(v)
+    except ValueError as exc:
+        ctx.err(key, str(exc))
+        return None
+    return str(v)
+
+
 def _hot_folders(ctx, key, v):
     if v is None:
         return ()
@@ -272,10 +327,12 @@ SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Any]]] = {
                  "precision": _enum("auto", "fp32", "bf16", "fp16"),
                  "output_format": _enum(*OUTPUT_FORMATS), "jpeg_quality": _num(1, 100, integer=True),
                  "max_input_megapixels": _num(0.01, 1000), "max_output_megapixels": _num(0.01, 4000),
+                 "provenance": _bool, "face_fidelity": _num(0, 1), "face_strength": _num(0, 1),
                  "models": None, "folders": _hot_folders},
                 {"profile": "faces", "upscale": 2.0, "device": "auto", "tile": None, "precision": "auto",
                  "output_format": "same", "jpeg_quality": 95, "max_input_megapixels": 80.0,
-                 "max_output_megapixels": 64.0, "models": None, "folders": ()}),
+                 "max_output_megapixels": 64.0, "provenance": True, "face_fidelity": 0.5,
+                 "face_strength": 1.0, "models": None, "folders": ()}),
     "jobs": ({"max_attempts": _num(1, 100, integer=True), "backoff_seconds": _num_list,
               "originals": _enum("archive", "delete"), "skip_duplicates": _bool,
               "stop_timeout": _num(0, 3600), "max_interruptions": _num(1, integer=True)},
@@ -285,10 +342,12 @@ SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Any]]] = {
               {"on_done": None, "on_failed": None, "timeout": 10.0, "retries": 2}),
     "log": ({"format": _enum("auto", "json", "text"), "level": _enum("debug", "info", "warning", "error")},
             {"format": "auto", "level": "info"}),
+    "web": ({"listen": _listen, "insecure_remote": _bool}, {"listen": "127.0.0.1:8765", "insecure_remote": False}),
+    "queue": ({"url": _queue_url, "lease_seconds": _num(1, 3600)}, {"url": None, "lease_seconds": 60.0}),
 }
 MODELS = ({"face": _str, "background": _str, "detector": _str},
           {"face": "gfpgan-v1.4", "background": "realesrgan-x2plus", "detector": "retinaface-r50"})
-TOP = {"folders", "state_dir", "weights_dir", "watch", "enhance", "jobs", "hooks", "log"}
+TOP = {"folders", "state_dir", "weights_dir", "watch", "enhance", "jobs", "hooks", "log", "web", "queue"}
 
 
 def _suggest(word: str, choices) -> str:
@@ -401,6 +460,10 @@ def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
         if bad:
             ctx.err(key if key in ("state_dir", "weights_dir") else f"folders.{key}",
                     f"cannot exist: {bad} is not a directory")
+    w = sec["web"]
+    if w["listen"] and not w["insecure_remote"] and not is_loopback(split_listen(w["listen"])[0]):
+        ctx.err("web.listen", f"{w['listen']} is not a loopback address: the page has no TLS; put a TLS proxy in"
+                " front of a loopback listen address, or set web.insecure_remote: true")
     if ctx.problems:
         raise ConfigError(ctx.problems, str(path or ""))
     return Config(
@@ -412,6 +475,8 @@ def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
         jobs=Jobs(**j),
         hooks=Hooks(**sec["hooks"]),
         log=Log(**sec["log"]),
+        web=Web(**sec["web"]),
+        queue=QueueSettings(**sec["queue"]),
     )
 
 

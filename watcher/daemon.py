@@ -25,7 +25,8 @@ from .errors import ConfigError, LockedError
 from .notify import Notifier
 from . import intake, names
 from .errors import QueueCorrupt, StateUnavailable
-from .queue import Queue, open_queue
+from . import backends
+from .queue import Queue
 from .worker import Worker, reconcile
 
 log = structlog.get_logger(__name__)
@@ -227,7 +228,7 @@ class Daemon:
 
     def _worker_loop(self) -> None:
         try:
-            q = Queue(self.cfg.queue_path)
+            q = backends.connect(self.cfg, daemon=True)
         except QueueCorrupt as exc:
             self.corrupt = str(exc)
             return
@@ -241,7 +242,7 @@ class Daemon:
                 if q is None:                      # the state_dir could not even be opened
                     self.wake.wait(STORAGE_RETRY_S)
                     try:
-                        q = self.worker.queue = Queue(self.cfg.queue_path)
+                        q = self.worker.queue = backends.connect(self.cfg, daemon=True)
                     except StateUnavailable:
                         continue
                 try:
@@ -263,7 +264,7 @@ class Daemon:
                     self.worker.enhancer_problem = self.models.problem
                     if self.stop.is_set() or self.halt.is_set():
                         break
-                    if self.folder_issues or self.models.enhancer is None or self.storage_problem:
+                    if self.folder_issues or self.models.enhancer is None or self.storage_problem or q.paused():
                         self.wake.wait(1.0)
                         self.wake.clear()
                         continue
@@ -293,17 +294,28 @@ class Daemon:
     def run(self) -> int:
         cfg = self.cfg
         self.lock = lock = StateLock(cfg.state_dir)
-        try:
-            lock.acquire()
-        except LockedError as exc:
-            log.error("daemon.locked", reason=str(exc))
-            say(f"photoenhanced: {exc}")
-            return EX_RUNTIME
-        except OSError as exc:
-            log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror)
-            say(f"photoenhanced: state_dir {cfg.state_dir}: {exc.strerror}")
-            return EX_RUNTIME
         self.install_signals()
+        said = None
+        while True:
+            try:
+                lock.acquire()
+                break
+            except LockedError as exc:
+                log.error("daemon.locked", reason=str(exc))
+                say(f"photoenhanced: {exc}")
+                return EX_RUNTIME
+            except OSError as exc:               # a full or read-only state_dir: wait, never exit
+                if said != exc.errno:
+                    said = exc.errno
+                    log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror, action="waiting")
+                text = f"waiting: state_dir {cfg.state_dir}: {exc.strerror} — free space or fix permissions"
+                self.notifier.status(text)
+                if not self.ready_sent:
+                    self.notifier.ready(text)
+                    self.ready_sent = True
+                self.notifier.watchdog()
+                if self.stop.wait(STORAGE_RETRY_S):
+                    return EX_OK
         try:
             while True:
                 queue = self._open_queue()
@@ -338,12 +350,17 @@ class Daemon:
         said = None
         while not self.stop.is_set():
             try:
-                queue, moved = open_queue(self.cfg.queue_path, now=time.time())
+                queue, moved = backends.open_queue(self.cfg, now=time.time())
                 if moved is None and not self.needs_rebuild:
                     return queue
                 self.needs_rebuild = True
+                from .publish import Publisher
                 from .rebuild import rebuild
                 f = self.cfg.folders
+                adopted = Publisher(f.inbox, f.outbox, f.failed, f.archive, self.cfg.jobs.originals,
+                                    host=getattr(queue, "tmp_subdir", None)).adopt_orphans()
+                if adopted:
+                    log.warning("queue.rebuild_adopted", sidecars=adopted)
                 stats = rebuild(queue, f.outbox, f.failed, now=time.time())
                 log.error("queue.rebuilt", moved_to=str(moved) if moved else None, **stats)
                 self.needs_rebuild = False
@@ -352,7 +369,8 @@ class Daemon:
                 if said != exc.reason:
                     log.error("state_dir.unusable", reason=exc.reason, error=str(exc), action="waiting")
                     said = exc.reason
-                text = f"waiting: {exc.reason} ({self.cfg.state_dir}) — free space or fix permissions"
+                text = f"waiting: {exc.reason} ({backends.where(self.cfg)})" + \
+                    ("" if backends.is_postgres(self.cfg.queue.url) else " — free space or fix permissions")
                 self.notifier.status(text)
                 if not self.ready_sent:
                     self.notifier.ready(text)
@@ -452,6 +470,8 @@ class Daemon:
         return _REBUILD
 
     def _storage_status(self, queue: Queue) -> str:
+        if backends.is_postgres(self.cfg.queue.url):
+            return f"waiting: {self.storage_problem} ({backends.where(self.cfg)}) — retrying"
         return f"waiting: {self.storage_problem} ({self.cfg.state_dir}) — the queue cannot be written; " \
                "free space or fix permissions"
 
@@ -559,7 +579,7 @@ class Daemon:
         disc_problem = getattr(self.discovery, "problem", None) if self.discovery else None
         reasons = list(self.folder_issues.values())
         if self.storage_problem:
-            reasons.append(f"{self.storage_problem} ({self.cfg.state_dir})")
+            reasons.append(f"{self.storage_problem} ({backends.where(self.cfg)})")
         if self.worker is not None and self.worker.folder_problem:
             reasons.append(self.worker.folder_problem)
         if self.models.enhancer is None and self.models.problem:
@@ -572,6 +592,9 @@ class Daemon:
             faces = cur.get("faces")
             text = f"enhancing {names.safe(cur['path'])} · {n} of {n + queued - 1}" + (f" · {faces} faces" if faces is not None else "")
             return "working", text, None
+        if queue.paused():              # the operator's pause (CLI or web); other problems still named
+            reason = "; ".join(dict.fromkeys(["run photoenhanced resume to continue", *reasons]))
+            return "paused", f"paused · {queued} queued", reason
         if reasons:
             reason = "; ".join(dict.fromkeys(reasons))
             return "waiting", f"waiting: {reason} · {queued} queued", reason
@@ -619,6 +642,13 @@ class Daemon:
         self.notifier.reloaded(self._status(queue, time.time())[1])
 
 
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _replace_state_dir(cfg: Config, state_dir: Path) -> Config:
     from dataclasses import replace
     return replace(cfg, state_dir=state_dir)
@@ -636,14 +666,18 @@ def run(config_path: Path, log_format: str | None = None,
         say(f"photoenhanced: bad config {exc}")
         notifier.send(f"STATUS=bad config: {'; '.join(exc.problems)[:400]}")
         return EX_CONFIG
-    logs.configure(log_format or cfg.log.format, cfg.log.level)
+    fmt = logs.configure(log_format or cfg.log.format, cfg.log.level)
+    logs.capture_warnings()
+    if fmt == "json":
+        logs.capture_stderr()      # native libraries' stderr lines become events: one JSON object per line
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.error("state_dir.unusable", path=str(cfg.state_dir), error=exc.strerror)
         say(f"photoenhanced: state_dir {cfg.state_dir} cannot be created: {exc.strerror}")
         return EX_CONFIG
-    if not os.access(cfg.state_dir, os.W_OK):
+    if not os.access(cfg.state_dir, os.W_OK) and not _read_only_mount(cfg.state_dir):
+        # no permission: only the admin can fix it (78); a read-only *mount* is waited out
         log.error("state_dir.unusable", path=str(cfg.state_dir), error="not writable")
         say(f"photoenhanced: state_dir {cfg.state_dir} is not writable")
         return EX_CONFIG

@@ -302,7 +302,7 @@ class Discovery:
         self._forget_lock = threading.Lock()
         self._to_forget: list[str] = []
         self._to_recheck: list[tuple[str, float]] = []
-        self._long_fds: list[int] = []  # folder descriptors of a listing deeper than PATH_MAX
+        self._long_fds: list[int] = []  # the descriptor of the folder being listed
         self._recheck: dict[str, float] = {}  # rel → when to look at it again (monotonic, poll's clock)
 
     # ----------------------------------------------------------------- lifecycle
@@ -649,23 +649,29 @@ class Discovery:
         old_files = old.files if old is not None and not full else {}
         stated = 0
         try:
-            try:
-                with os.scandir(dpath) as it:
-                    entries = list(it)
-            except OSError as exc:
-                if exc.errno != errno.ENAMETOOLONG:
-                    raise
-                # deeper than PATH_MAX: list it from its own descriptor (closed when the listing is done)
-                dfd = safefs.open_dir(self.inbox, drel.split("/"))
-                self._long_fds.append(dfd)
-                with os.scandir(dfd) as it:
-                    entries = list(it)
+            # listed from its own descriptor, every folder on the way opened without following a
+            # link: a sub-folder swapped for a symlink after it was classified is never listed
+            # (nothing outside the inbox is opened); the descriptor stays open for the entries'
+            # stat calls and is closed when the listing is done
+            dfd = safefs.open_dir(self.inbox, drel.split("/") if drel else [])
+            self._long_fds.append(dfd)
+            with os.scandir(dfd) as it:
+                entries = list(it)
+        except safefs.UnsafePath:
+            self._close_listing()
+            if drel:
+                self._drop_tree(drel)
+                self._dirs.pop(drel, None)
+                self._look(drel, now)                 # refused as a symlink, once
+            return None, 0
         except FileNotFoundError:
+            self._close_listing()
             if drel:
                 self._vanished(drel)
                 self._dirs.pop(drel, None)
             return None, 0
         except OSError as exc:
+            self._close_listing()
             self._warn_unreadable(drel, exc)
             return None, 0
         self._unreadable.discard(drel)
@@ -713,9 +719,12 @@ class Discovery:
             trusted = self._trust_dir_mtime and (old.trusted or now - old.listed_at >= DIR_TRUST_MARGIN)
             new = _Dir(st.st_mtime_ns, old.listed_at, trusted, tuple(subdirs), files)
         self._dirs[drel] = new
+        self._close_listing()
+        return new, stated
+
+    def _close_listing(self) -> None:
         while self._long_fds:
             os.close(self._long_fds.pop())
-        return new, stated
 
     # ----------------------------------------------------------------- settle
     def _settled(self, now: float) -> list[Candidate]:

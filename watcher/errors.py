@@ -55,3 +55,13 @@ class StateUnavailable(WatcherError):
         self.reason = reason
         self.path = path            # the queue file
         self.code = code            # SQLite's error name, e.g. "SQLITE_FULL", when known
+
+
+class LeaseLost(WatcherError):
+    """This host's claim on a job is no longer current (its lease expired and the job went back
+    to pending, or another host claimed it with a newer fencing token). Nothing was recorded: the
+    worker stops before its next irreversible step and leaves the job to its new owner."""
+
+    def __init__(self, message: str, job: int | None = None):
+        super().__init__(message)
+        self.job = job

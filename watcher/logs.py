@@ -106,3 +106,46 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         cache_logger_on_first_use=False,
     )
     return fmt
+
+
+def capture_warnings() -> None:
+    """Python warnings (a library's RuntimeWarning …) become log events instead of raw stderr lines."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        structlog.get_logger("py.warnings").warning(
+            "python.warning", category=category.__name__, message=str(message),
+            where=f"{os.path.basename(str(filename))}:{lineno}")
+
+    warnings.showwarning = show
+
+
+def capture_stderr() -> None:
+    """Native libraries (libtiff, OpenCV, libheif, libjpeg) write to file descriptor 2 directly,
+    past Python. In the daemon with JSON logs each such line becomes one `native.stderr` event
+    (escaped like every value), so the log stays one JSON object per line."""
+    import threading
+
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+    log = structlog.get_logger("native")
+
+    def pump() -> None:
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            buf = b""
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines[:200]:              # a flood is cut, never allowed to stall us
+                    text = line.decode("utf-8", "surrogateescape").rstrip()
+                    if text:
+                        log.warning("native.stderr", line=text[:2000])
+                if len(buf) > 65536:
+                    log.warning("native.stderr", line=buf[:2000].decode("utf-8", "surrogateescape"))
+                    buf = b""
+
+    threading.Thread(target=pump, name="stderr-pump", daemon=True).start()

@@ -72,7 +72,8 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
         try:
             data = path.read_bytes()
             prep = prepare(data, path.name, cfg, limits, enh_cfg.profile, enh_cfg.upscale, "", 1)
-            r = render(data, path.name, prep, enhancer, limits, cfg.enhance.jpeg_quality, lambda **_: None)
+            r = render(data, path.name, prep, enhancer, limits, cfg.enhance.jpeg_quality, lambda **_: None,
+                       provenance=cfg.enhance.provenance)
         except (_DecodeFailed, EnhanceError, OSError) as exc:
             err = exc.__cause__ if isinstance(exc, _DecodeFailed) else exc
             failures += 1
@@ -90,8 +91,7 @@ def enhance_paths(cfg: Config, src: Path, dst: Path, profile: str | None, upscal
                                     sha256=hashlib.sha256(data).hexdigest(), now=time.time(), info=prep.info,
                                     eff=prep.eff, timings=r.timings)
         sidecar.update(r.sidecar_extra)
-        if r.notes:
-            sidecar["metadata_notes"] = r.notes
+        sidecar["metadata"] = sidecar_mod.metadata_block(r.notes)
         sidecar["outputs"][0]["path"] = str(out)
         _write(out, r.data)
         _write(Path(str(out) + ".json"), sidecar_mod.render(sidecar))

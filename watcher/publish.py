@@ -98,9 +98,13 @@ class Publisher:
     """Knows the configured folders; every write goes below one of them, every path is walked from
     the folder's own descriptor without following links (`safefs`), at the moment of use."""
 
-    def __init__(self, inbox: Path, outbox: Path, failed: Path, archive: Path | None, originals: str = "archive"):
+    def __init__(self, inbox: Path, outbox: Path, failed: Path, archive: Path | None, originals: str = "archive",
+                 host: str | None = None):
         self.inbox, self.outbox, self.failed, self.archive = inbox, outbox, failed, archive
         self.originals = originals
+        # several hosts share the folders: each writes and cleans only TMP_DIR/<host id>/
+        self.tmp_parts = [TMP_DIR, host] if host else [TMP_DIR]
+        self.tmp_rel = "/".join(self.tmp_parts)
         self.roots = {"outbox": outbox, "failed": failed, **({"archive": archive} if archive else {})}
         # longest first, so that a root inside another (never allowed by config) could not mislead
         self._all = sorted({"inbox": inbox, **self.roots}.items(), key=lambda kv: -len(str(kv[1])))
@@ -137,17 +141,19 @@ class Publisher:
 
     @classmethod
     def _free_at(cls, fd: int | None, folder: Path, name: str, companions: Iterable[str],
-                 taken: set[Path]) -> str:
+                 taken: set[Path]) -> tuple[str, bool]:
         """The first of `name`, `stem (1).ext` … (each fitted to NAME_MAX with its companions) whose
-        file and companions are free in the folder (fd None: the folder does not exist yet)."""
+        file and companions are free in the folder (fd None: the folder does not exist yet), and
+        whether fitting had to shorten it."""
         companions = tuple(companions)
         extra = max((len(os.fsencode(c)) for c in companions), default=0)
         n = 0
         while True:
-            cand = names.fit(cls._numbered(name, n), extra)
+            numbered = cls._numbered(name, n)
+            cand = names.fit(numbered, extra)
             if folder / cand not in taken and (fd is None or (
                     safefs.lstat_at(fd, cand) is None and all(safefs.lstat_at(fd, cand + c) is None for c in companions))):
-                return cand
+                return cand, cand != numbered
             n += 1
 
     @classmethod
@@ -160,56 +166,60 @@ class Publisher:
         except FileNotFoundError:
             fd = None
         try:
-            return folder / cls._free_at(fd, folder, name, companions, taken)
+            return folder / cls._free_at(fd, folder, name, companions, taken)[0]
         finally:
             if fd is not None:
                 os.close(fd)
 
     def _free_below(self, root: Path, rel_dir: str, name: str, companions: Iterable[str],
-                    taken: set[Path]) -> Path:
+                    taken: set[Path], shortened: list | None = None) -> Path:
         folder = root / rel_dir if rel_dir else root
         try:
             fd = safefs.open_dir(root, safefs.parts_of(rel_dir) if rel_dir else [])
         except FileNotFoundError:
             fd = None
         try:
-            return folder / self._free_at(fd, folder, name, companions, taken)
+            cand, short = self._free_at(fd, folder, name, companions, taken)
         finally:
             if fd is not None:
                 os.close(fd)
+        if short and shortened is not None:
+            shortened.append(name)
+        return folder / cand
 
     # --- temp files -------------------------------------------------------------------------
 
     def tmp_dir(self, root: Path) -> Path:
-        fd = safefs.open_dir(root, [TMP_DIR], create=True)
+        fd = safefs.open_dir(root, self.tmp_parts, create=True)
         os.close(fd)
-        return root / TMP_DIR
+        return root / self.tmp_rel
 
     def write_tmp(self, root: Path, data: bytes, tag: str, folder: str) -> Path:
         name = f"{tag}-{uuid.uuid4().hex[:8]}"
         try:
-            fd = safefs.open_dir(root, [TMP_DIR], create=True)
+            fd = safefs.open_dir(root, self.tmp_parts, create=True)
             try:
                 safefs.write_new_at(fd, name, data)
                 safefs.fsync_fd(fd)
             finally:
                 os.close(fd)
-            return root / TMP_DIR / name
+            return root / self.tmp_rel / name
         except OSError as exc:
             raise _folder_error(exc, "write a temp file", folder) from exc
 
     def clean_tmp(self, keep: set[str] = frozenset()) -> int:
         """No temp file survives a restart (except those of plans that could not finish yet, named
-        in `keep`). Removes below the hidden temp folders only, never through a link."""
+        in `keep`). Removes below the hidden temp folders only (this host's own sub-folder when
+        several hosts share them), never through a link."""
         n = 0
         for root in self.roots.values():
             try:
-                fd = safefs.open_dir(root, [TMP_DIR])
+                fd = safefs.open_dir(root, self.tmp_parts)
             except OSError:
                 continue                 # missing, a link (never followed) or unreadable
             try:
                 for entry in os.scandir(fd):
-                    if str(root / TMP_DIR / entry.name) in keep:
+                    if str(root / self.tmp_rel / entry.name) in keep:
                         continue
                     try:
                         if entry.is_dir(follow_symlinks=False):
@@ -218,10 +228,52 @@ class Publisher:
                             os.unlink(entry.name, dir_fd=fd)
                         n += 1
                     except OSError as exc:
-                        log.warning("publish.tmp_clean_failed", path=str(root / TMP_DIR / entry.name),
+                        log.warning("publish.tmp_clean_failed", path=str(root / self.tmp_rel / entry.name),
                                     error=exc.strerror)
             finally:
                 os.close(fd)
+        return n
+
+    def adopt_orphans(self) -> int:
+        """After the queue was lost (moved aside as corrupt): a publish cut short between placing
+        the result and placing its sidecar left the result in outbox and the sidecar in the temp
+        folder. Place each such sidecar whose result is there with the recorded sha256, so the
+        rebuild from sidecars recognises the work instead of doing it again."""
+        import base64
+        n = 0
+        try:
+            fd = safefs.open_dir(self.outbox, self.tmp_parts)
+        except OSError:
+            return 0
+        try:
+            for entry in os.scandir(fd):
+                if "-sidecar-" not in entry.name or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    f, st = safefs.open_read_at(fd, entry.name)
+                    try:
+                        doc = json.loads(safefs.read_fd(f, 1 << 20)) if st.st_size <= 1 << 20 else None
+                    finally:
+                        os.close(f)
+                    out = (doc or {}).get("outputs", [{}])[0] if isinstance(doc, dict) and doc.get("status") == "done" else {}
+                    path = os.fsdecode(base64.urlsafe_b64decode(out["path_b64"])) if "path_b64" in out else out.get("path")
+                    if not isinstance(path, str) or not isinstance(out.get("sha256"), str):
+                        continue
+                    root, rel = self.locate(path)
+                    if root != self.outbox or safefs.lstat(root, rel + ".json") is not None:
+                        continue
+                    data = self._read(Path(path))
+                    if hashlib.sha256(data).hexdigest() != out["sha256"]:
+                        continue
+                    with safefs.dir_of(root, rel + ".json") as (dfd, dname):
+                        _link_or_rename_at(fd, entry.name, dfd, dname)
+                        safefs.fsync_fd(dfd)
+                    n += 1
+                    log.warning("publish.orphan_adopted", output=names.display(path), job=doc.get("job"))
+                except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    continue
+        finally:
+            os.close(fd)
         return n
 
     def discard(self, plan: dict) -> None:
@@ -263,19 +315,19 @@ class Publisher:
 
     def _original_steps(self, src: Path, rel: str, size: int, mtime_ns: int, dest_root: Path | None,
                         folder: str, taken: set[Path], job_id: int, companions: Iterable[str] = (),
-                        ident: dict | None = None) -> list[dict]:
+                        ident: dict | None = None, shortened: list | None = None) -> list[dict]:
         ident = {"size": size, "mtime_ns": mtime_ns, **(ident or {})}
         if dest_root is None:
             return [{"op": "delete", "src": str(src), **ident}]
         self._below(dest_root, rel)
-        dst = self._free_below(dest_root, os.path.dirname(rel), src.name, companions, taken)
+        dst = self._free_below(dest_root, os.path.dirname(rel), src.name, companions, taken, shortened)
         taken.add(dst)
-        tmp = dest_root / TMP_DIR / f"job{job_id}-orig-{uuid.uuid4().hex[:8]}"
+        tmp = dest_root / self.tmp_rel / f"job{job_id}-orig-{uuid.uuid4().hex[:8]}"
         return [{"op": "move", "src": str(src), "dst": str(dst), "tmp": str(tmp), "folder": folder, **ident}]
 
     def plan_done(self, job_id: int, rel: str, size: int, mtime_ns: int, result: bytes, result_name: str,
                   sidecar: dict, reserved: Iterable[str] = (), ident: dict | None = None,
-                  render_sidecar=None) -> dict:
+                  render_sidecar=None, companion_data=None) -> dict:
         """Write the result and sidecar to temp files (fsynced) and return the plan that places them,
         then archives/deletes the original and its companions. `sidecar` gets `outputs[*].path`.
         `reserved`: target paths planned by other unfinished jobs (never given out twice)."""
@@ -283,9 +335,10 @@ class Publisher:
         rel_dir = os.path.dirname(rel)
         self._below(self.outbox, rel)
         taken: set[Path] = {Path(p) for p in reserved}
-        final = self._free_below(self.outbox, rel_dir, result_name, (".json", ".xmp"), taken)
+        shortened: list[str] = []
+        final = self._free_below(self.outbox, rel_dir, result_name, (".json", ".xmp"), taken, shortened)
         taken.add(final)
-        if final.name != self._strip_number(final.name, result_name):
+        if shortened:
             sidecar["original_name"] = result_name
         steps: list[dict] = []
         outputs = sidecar.setdefault("outputs", [{}])
@@ -312,6 +365,11 @@ class Publisher:
                 except OSError as exc:
                     log.warning("publish.companion_unreadable", path=names.display(str(comp)), error=exc.strerror)
                     continue
+                if companion_data is not None:
+                    try:
+                        data = companion_data(data)
+                    except Exception as exc:      # a malformed .xmp travels unchanged
+                        log.warning("publish.companion_not_stamped", path=names.display(str(comp)), error=str(exc))
                 tmp = self.write_tmp(self.outbox, data, f"job{job_id}-xmp", "outbox")
                 written.append(tmp)
                 steps.append({"op": "place", "tmp": str(tmp), "dst": str(dst), "folder": "outbox"})
@@ -329,27 +387,16 @@ class Publisher:
                                               dest, "archive", set(), job_id, ident={"ino": st.st_ino})
         return {"kind": "done", "steps": steps, "outputs": [str(final)], "sidecar": str(final) + ".json"}
 
-    @classmethod
-    def _strip_number(cls, got: str, wanted: str) -> str:
-        """`got` if it is `wanted` or a numbered variant of it, else something else (shortened)."""
-        n = 0
-        while n < 100000:
-            if cls._numbered(wanted, n) == got:
-                return got
-            if n > 0 and not got.startswith(wanted.rpartition(".")[0] or wanted):
-                break
-            n += 1
-        return ""
-
     def plan_failed(self, job_id: int, rel: str, size: int, mtime_ns: int, sidecar: dict,
                     reserved: Iterable[str] = (), ident: dict | None = None, render_sidecar=None) -> dict:
         """The original (byte-identical) and its companions to failed/REL, then the sidecar beside it."""
         src = self._below(self.inbox, rel)
         taken: set[Path] = {Path(p) for p in reserved}
+        shortened: list[str] = []
         steps = self._original_steps(src, rel, size, mtime_ns, self.failed, "failed", taken, job_id,
-                                     companions=(".json",), ident=ident)
+                                     companions=(".json",), ident=ident, shortened=shortened)
         final = Path(steps[0]["dst"])
-        if final.name != self._strip_number(final.name, src.name):
+        if shortened:
             sidecar["original_name"] = src.name
         for comp in self.companions(src):
             st = self._lstat(comp)
@@ -407,10 +454,14 @@ class Publisher:
 
     # --- running a plan (idempotent) ----------------------------------------------------------
 
-    def execute(self, plan: dict) -> None:
+    def execute(self, plan: dict, before_step=None) -> None:
+        """Run the plan's steps in order. `before_step(step)`, when given, is called before each
+        step and may raise to stop before it (a host that lost its lease: watcher.errors.LeaseLost)."""
         self._preflight(plan)
         first = True
         for step in plan["steps"]:
+            if before_step is not None:
+                before_step(step)
             try:
                 if step["op"] == "place":
                     self._place(step, first)

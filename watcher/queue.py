@@ -51,7 +51,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (FAILED, "retry"): PENDING,         # `photoenhanced retry`: attempts and interruptions reset
 }
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: """
     CREATE TABLE jobs (
@@ -98,7 +98,24 @@ _MIGRATIONS = {
     3: """
     ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the operator's controls (pause/resume) and a log of state-changing requests (CLI and web)
+    4: """
+    CREATE TABLE control (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        paused  INTEGER NOT NULL DEFAULT 0,
+        source  TEXT,
+        updated REAL
+    );
+    CREATE TABLE requests (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        action  TEXT NOT NULL,
+        job     INTEGER,
+        source  TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
 }
+REQUEST_ACTIONS = ("pause", "resume", "retry", "enqueue")
 
 _COLS = ("id, rel_path, size, mtime_ns, sha256, state, attempts, not_before, profile, params, error_kind,"
          " last_error, wait_reason, plan, outputs, duplicate_of, created, updated, started, finished,"
@@ -610,10 +627,12 @@ class Queue:
         return Job.from_row(row)
 
     @_guarded
-    def jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]:
-        q = f"SELECT {_COLS} FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY id"
-        if limit:
-            q += f" LIMIT {int(limit)}"
+    def jobs(self, state: str | None = None, limit: int | None = None, offset: int = 0,
+             newest_first: bool = False) -> list[Job]:
+        q = f"SELECT {_COLS} FROM jobs" + (" WHERE state = ?" if state else "") + \
+            (" ORDER BY id DESC" if newest_first else " ORDER BY id")
+        if limit or offset:
+            q += f" LIMIT {int(limit) if limit else -1} OFFSET {max(0, int(offset))}"
         return [Job.from_row(r) for r in self.db.execute(q, (state,) if state else ())]
 
     @_guarded
@@ -670,6 +689,55 @@ class Queue:
     def done_since(self, since: float) -> int:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?",
                                (since,)).fetchone()[0]
+
+    # --- the operator's controls (pause/resume) and the request log --------------------------
+
+    def _has_table(self, name: str) -> bool:
+        """False on a read-only connection to a queue an older program made (no migration yet)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (name,)).fetchone() is not None
+
+    @_guarded
+    def paused(self) -> bool:
+        """Has the operator paused the worker (`photoenhanced pause`, the web page)?"""
+        if self.readonly and not self._has_table("control"):
+            return False
+        row = self.db.execute("SELECT paused FROM control WHERE id = 1").fetchone()
+        return bool(row and row[0])
+
+    @_guarded
+    def set_paused(self, paused: bool, source: str, now: float | None = None) -> bool:
+        """Pause or resume the worker (it finishes the photo in hand, then claims nothing until
+        resumed); the request is logged with its source. Returns the previous setting."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT paused FROM control WHERE id = 1").fetchone()
+            db.execute("INSERT INTO control (id, paused, source, updated) VALUES (1, ?, ?, ?) ON CONFLICT(id)"
+                       " DO UPDATE SET paused = excluded.paused, source = excluded.source, updated = excluded.updated",
+                       (int(bool(paused)), _text(source), now))
+            self._log_request(db, "pause" if paused else "resume", None, source, now)
+            return bool(row and row[0])
+
+    def _log_request(self, db: sqlite3.Connection, action: str, job: int | None, source: str, now: float) -> None:
+        if action not in REQUEST_ACTIONS:
+            raise ValueError(f"unknown request action {action!r}")
+        db.execute("INSERT INTO requests (action, job, source, created) VALUES (?, ?, ?, ?)",
+                   (action, job, _text(source), now))
+
+    @_guarded
+    def record_request(self, action: str, source: str, job: int | None = None, now: float | None = None) -> None:
+        """Log a state-changing request (retry, enqueue …) that went through another method."""
+        with self._tx() as db:
+            self._log_request(db, action, job, source, time.time() if now is None else now)
+
+    @_guarded
+    def requests(self, limit: int = 50) -> list[dict]:
+        """The newest logged requests first: {id, action, job, source, created}."""
+        if self.readonly and not self._has_table("requests"):
+            return []
+        cur = self.db.execute("SELECT id, action, job, source, created FROM requests ORDER BY id DESC LIMIT ?",
+                              (int(limit),))
+        return [dict(zip(("id", "action", "job", "source", "created"), r)) for r in cur]
 
     # --- the daemon's status row (read by `photoenhanced status`) ----------------------------
 

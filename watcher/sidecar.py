@@ -8,14 +8,15 @@ JSON that strict parsers accept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, resources
 
 from . import names
 
-SCHEMA = 1
+SCHEMA = 1          # the `schema` field; watcher/schemas/sidecar.schema.json describes it
 _VERSIONS: dict[str, str] | None = None
 
 
@@ -81,3 +82,32 @@ def encodable(doc: dict) -> dict:
 
 def render(doc: dict) -> bytes:
     return (json.dumps(encodable(doc), indent=2) + "\n").encode()
+
+
+# --- metadata of the photo (the `metadata` block) and the provenance stamp ----------------------
+
+def schema_text() -> str:
+    """The sidecar's JSON Schema (draft 2020-12), as shipped in the package."""
+    return resources.files(__package__).joinpath("schemas/sidecar.schema.json").read_text("utf-8")
+
+
+def schema() -> dict:
+    return json.loads(schema_text())
+
+
+def metadata_block(notes: list[dict]) -> dict:
+    """The sidecar's `metadata`: per block of the original, kept/converted/trimmed/dropped (+ why),
+    and whether the provenance stamp was added. `notes` come from imageio.decode/encode."""
+    from enhancer.metadata import summary
+    return summary(notes)
+
+
+def provenance(source: bytes, eff: dict, now: float):
+    """The stamp for one result (enhancer.metadata.Provenance): this version, the effective
+    parameters in one line, when, and the original's sha256."""
+    from enhancer.metadata import Provenance
+    m = eff.get("models") or {}
+    parts = [f"profile={eff.get('profile')}", f"scale={eff.get('scale', eff.get('upscale'))}"]
+    parts += [f"{k}={v}" for k, v in m.items() if v] if isinstance(m, dict) else []
+    return Provenance(software=f"photoenhanced {versions().get('photoenhanced', '0')}", when=now,
+                      parameters=" ".join(parts), original_sha256=hashlib.sha256(source).hexdigest())

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from enhancer.api import Enhancer, Params
 from enhancer.errors import EnhanceError, PermanentError, TooLargeError, TransientError, WeightsMissingError
 from . import names, safefs, sidecar as sidecar_mod
 from .config import Config
-from .errors import FolderError
+from .errors import FolderError, LeaseLost, StateUnavailable
 from .publish import PlanBroken, PlanConflict, Publisher
 from .queue import Job, Queue
 from .sidecar import iso as _iso, versions  # noqa: F401  (re-exported for callers)
@@ -66,6 +67,7 @@ class Finished:
     duplicate_of: int | None = None
     faces: int = 0
     ino: int | None = None
+    companion: Callable[[bytes], bytes] | None = None   # rewrites a travelling .xmp (the history entry)
 
 
 class _Changed(Exception):
@@ -100,13 +102,16 @@ class Worker:
         # publishes it again instead of recomputing. One at a time: (job id, sha256, Finished).
         self._held: tuple[int, str, Finished] | None = None
         self._replans: dict[int, int] = {}
+        self._lease: tuple[int, int] | None = None     # (job id, fencing token) of the job in hand
+        self._beat_at = 0.0
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
         """(Re)load settings; called again on SIGHUP between jobs."""
         self.cfg = cfg
         f = cfg.folders
-        self.publisher = Publisher(f.inbox, f.outbox, f.failed, f.archive, cfg.jobs.originals)
+        self.publisher = Publisher(f.inbox, f.outbox, f.failed, f.archive, cfg.jobs.originals,
+                                   host=getattr(self.queue, "tmp_subdir", None))
         e = cfg.enhance
         self.limits = imageio.Limits(max_input_megapixels=e.max_input_megapixels,
                                      max_output_megapixels=e.max_output_megapixels)
@@ -114,7 +119,29 @@ class Worker:
     def progress(self, **info) -> None:
         if info and self.current is not None:
             self.current = {**self.current, **info}
+        self._heartbeat()
         self._progress()
+
+    def _heartbeat(self) -> None:
+        """Renew the lease of the job in hand, at most every quarter lease. Never raises: a lost
+        lease or an unreachable queue stops the job at its next recorded step (fenced)."""
+        if self._lease is None:
+            return
+        t = time.monotonic()
+        if t - self._beat_at < getattr(self.queue, "lease_s", 60.0) / 4:
+            return
+        self._beat_at = t
+        try:
+            self.queue.heartbeat(*self._lease)
+        except (LeaseLost, StateUnavailable) as exc:
+            log.warning("job.heartbeat_failed", job=self._lease[0], error=str(exc))
+
+    def _fence(self, step: dict | None = None) -> None:
+        """Before each irreversible publish step: is our claim still current? (renews the lease;
+        LeaseLost stops the plan before the step.)"""
+        if self._lease is not None:
+            self.queue.heartbeat(*self._lease)
+            self._beat_at = time.monotonic()
 
     # --- the loop body ------------------------------------------------------------------------
 
@@ -123,17 +150,29 @@ class Worker:
         job = self.queue.claim(now)
         if job is None:
             return None
+        token = getattr(job, "token", None)
+        self._lease, self._beat_at = ((job.id, token) if token is not None else None), time.monotonic()
         self.current = {"job": job.id, "path": job.rel_path, "stage": "claim", "started": now}
         log.info("job.started", job=job.id, path=job.rel_path, attempt=job.attempts + 1,
                  interruptions=job.interruptions)
         try:
             out = self._guarded(job, now)
+        except LeaseLost as exc:          # another host owns the job now: it finishes it
+            log.warning("job.lease_lost", job=job.id, path=job.rel_path, reason=str(exc),
+                        action="stopped before the next irreversible step")
+            if self._held is not None and self._held[0] == job.id:
+                self._held = None
+            out = Outcome(job.id, job.rel_path, "lost", str(exc))
         except Exception as exc:
             if _is_storage(exc):
                 raise
-            out = self._contain(job, exc, now)
+            try:
+                out = self._contain(job, exc, now)
+            except LeaseLost as lost:
+                out = Outcome(job.id, job.rel_path, "lost", str(lost))
         finally:
             self.current = None
+            self._lease = None
         self.handled += out.state in ("done", "failed")
         if self.metrics is not None and out.state in ("done", "failed", "retry"):
             dup = out.state == "done" and bool((out.sidecar or {}).get("duplicate_of"))
@@ -157,7 +196,7 @@ class Worker:
                 return self._fail(job, exc.kind, str(exc), job.attempts + 1, now)
             except WeightsMissingError as exc:
                 return self._defer(job, str(exc), WEIGHTS_RETRY_S, now)
-            except (FolderError, PlanBroken):
+            except (FolderError, PlanBroken, LeaseLost):
                 raise
             except EnhanceError as exc:               # TransientError and the rest of the enhancer's
                 return self._transient(job, exc.kind, str(exc), now)
@@ -252,16 +291,16 @@ class Worker:
             raise WeightsMissingError(self.enhancer_problem or "models not loaded yet")
         try:
             r = render(src.data, name, prep, self.enhancer, self.limits, self.cfg.enhance.jpeg_quality,
-                       self.progress)
+                       self.progress, provenance=self.cfg.enhance.provenance, now=now)
         except _DecodeFailed as exc:
             self._changed_since(job)
             raise exc.__cause__ from None
         sc = self._sidecar(job, "done", now, prep.info, prep.eff, r.timings)
         sc.update(r.sidecar_extra)
-        if r.notes:
-            sc["metadata_notes"] = r.notes
+        sc["metadata"] = sidecar_mod.metadata_block(r.notes)
         return self._publish_done(job, Finished(r.data, prep.result_name, sc, prep.eff, r.out_info, r.timings,
-                                                t0, faces=r.faces, ino=src.st.st_ino), now)
+                                                t0, faces=r.faces, ino=src.st.st_ino,
+                                                companion=_stamper(r.provenance)), now)
 
     def _read(self, job: Job) -> tuple[Job, Source]:
         """The photo, read once through a safe open, and checked against what was queued."""
@@ -298,6 +337,15 @@ class Worker:
         steps = self.publisher._original_steps(self.cfg.folders.inbox / job.rel_path, job.rel_path, job.size,
                                                job.mtime_ns, dest, "archive", set(), job.id,
                                                ident={"ino": src.st.st_ino})
+        if dest is not None:
+            # archived (linked or copied) before the crash, not yet unlinked from the inbox: that
+            # copy is the archive; only the unlink is left to do
+            try:
+                there = safefs.lstat(dest, job.rel_path)
+            except OSError:
+                there = None
+            if there is not None and (there.st_size, there.st_mtime_ns) == (job.size, job.mtime_ns):
+                steps[0]["dst"] = str(dest / job.rel_path)
         plan = {"kind": "done", "steps": steps, "outputs": [prev.outputs[0].get("path")],
                 "sidecar": str(prev.outputs[0].get("path")) + ".json", "record": prev.outputs,
                 "duplicate_of": prev.id}
@@ -354,12 +402,16 @@ class Worker:
         plan = self.publisher.plan_done(job.id, job.rel_path, job.size, job.mtime_ns, fin.data, fin.result_name,
                                         fin.sidecar, reserved=self._reserved(job.id),
                                         ident={"ino": fin.ino} if fin.ino else None,
-                                        render_sidecar=sidecar_mod.render)
+                                        render_sidecar=sidecar_mod.render, companion_data=fin.companion)
         out = {**fin.out_info, "path": plan["outputs"][0]}
         record = {**fin.eff, "faces": fin.faces, "models_used": fin.sidecar.get("models", [])}
-        self.queue.set_plan(job.id, {**plan, "record": [out], "duplicate_of": fin.duplicate_of}, params=record,
-                            profile=fin.eff.get("profile"))
-        self.publisher.execute(plan)
+        try:
+            self.queue.set_plan(job.id, {**plan, "record": [out], "duplicate_of": fin.duplicate_of}, params=record,
+                                profile=fin.eff.get("profile"))
+        except BaseException:
+            self.publisher.discard(plan)          # not recorded (lease lost, queue gone): nobody runs it
+            raise
+        self.publisher.execute(plan, before_step=self._fence)
         self.queue.finish(job.id, [out], now=now, duplicate_of=fin.duplicate_of)
         self._held = None
         self._replans.pop(job.id, None)
@@ -381,8 +433,12 @@ class Worker:
         sc["error"] = {"kind": kind, "message": message}
         plan = self.publisher.plan_failed(job.id, job.rel_path, job.size, job.mtime_ns, sc,
                                           reserved=self._reserved(job.id), render_sidecar=sidecar_mod.render)
-        self.queue.set_plan(job.id, {**plan, "error": {"kind": kind, "message": message}, "attempts": attempts})
-        self.publisher.execute(plan)
+        try:
+            self.queue.set_plan(job.id, {**plan, "error": {"kind": kind, "message": message}, "attempts": attempts})
+        except BaseException:
+            self.publisher.discard(plan)
+            raise
+        self.publisher.execute(plan, before_step=self._fence)
         self.queue.fail(job.id, kind, message, now=now, outputs=[{"path": plan["outputs"][0]}], attempts=attempts)
         self._replans.pop(job.id, None)
         log.error("job.failed", job=job.id, path=job.rel_path, kind=kind, error=message, attempts=attempts)
@@ -394,7 +450,7 @@ class Worker:
         """Run a recorded plan to its end (idempotent) and record the outcome."""
         now = time.time() if now is None else now
         plan = job.plan
-        self.publisher.execute(plan)
+        self.publisher.execute(plan, before_step=self._fence)
         if plan["kind"] == "done":
             if recovering:
                 self.queue.apply(job.id, "recover_done", now, outputs=plan["record"], plan=None, finished=now,
@@ -414,6 +470,14 @@ class Worker:
     def _fire(self, event: str, sidecar: dict, paths: dict) -> None:
         if self.hooks is not None:
             self.hooks.fire(event, sidecar, paths)
+
+
+def _stamper(provenance) -> Callable[[bytes], bytes] | None:
+    """The result's history entry, added to the .xmp companions that travel with it too."""
+    if provenance is None:
+        return None
+    from enhancer import metadata
+    return lambda data: metadata.stamp_xmp_file(data, provenance)
 
 
 def _interrupted_message(job: Job, limit: int) -> str:
@@ -449,6 +513,7 @@ class Rendered:
     faces: int
     sidecar_extra: dict
     notes: list = field(default_factory=list)
+    provenance: object = None            # the stamp written into the result (None: provenance off)
 
 
 class _DecodeFailed(Exception):
@@ -472,8 +537,9 @@ def prepare(source: bytes | Path, name: str, cfg: Config, limits, profile: str, 
 
 
 def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: int,
-           progress: Callable[..., None]) -> Rendered:
-    """decode → enhance (every page) → encode. Decode errors come wrapped in _DecodeFailed."""
+           progress: Callable[..., None], provenance: bool = True, now: float | None = None) -> Rendered:
+    """decode → enhance (every page) → encode. Decode errors come wrapped in _DecodeFailed.
+    `provenance`: stamp the result (enhance.provenance); `now`: the stamp's time."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     try:
@@ -484,7 +550,9 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
     pages, faces, result = [], 0, None
     for i, page in enumerate(decoded.pages):
         progress(stage="enhance", page=i + 1)
-        result = enhancer.enhance(page.rgb, prep.params, progress=progress)
+        # integer result (8/16 bits as the source): streamed by the enhancer, no float copy
+        result = enhancer.enhance(page.rgb, dataclasses.replace(prep.params, bits=decoded.bits),
+                                  progress=progress)
         _check_pixels(result.image)
         faces += result.faces
         for k, v in result.timings_ms.items():
@@ -496,7 +564,11 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
     progress(stage="encode")
     t = time.perf_counter()
     notes: list = list(decoded.notes)          # metadata dropped while decoding, then while encoding
-    data = imageio.encode(decoded, pages, prep.fmt, jpeg_quality, notes=notes)
+    stamp = None
+    if provenance:
+        raw = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        stamp = sidecar_mod.provenance(bytes(raw), prep.eff, time.time() if now is None else now)
+    data = imageio.encode(decoded, pages, prep.fmt, jpeg_quality, notes=notes, provenance=stamp)
     timings["encode"] = _ms(t)
     h, w = pages[0].rgb.shape[:2]
     out_info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "width": w, "height": h,
@@ -504,10 +576,11 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
     for k in ("detect", "restore", "upscale"):
         timings.setdefault(k, 0.0)
     extra = {"outputs": [out_info], "faces": faces,
-             "models": [{"name": mi.name, "sha256": mi.sha256, "source": mi.source} for mi in result.models],
+             "models": [{"name": mi.name, "sha256": mi.sha256, "source": mi.source,
+                         **(getattr(mi, "details", None) or {})} for mi in result.models],
              "weights_source": sorted({mi.source for mi in result.models if mi.source}) or None,
              "device": result.device, "precision": result.precision, "tile": result.tile}
-    return Rendered(data, out_info, timings, faces, extra, notes)
+    return Rendered(data, out_info, timings, faces, extra, notes, stamp)
 
 
 def _ms(t: float) -> float:
@@ -526,7 +599,8 @@ def reconcile(worker: Worker, queue: Queue, *, start: bool = False, now: float |
     now = time.time() if now is None else now
     requeued = queue.requeue_running(now) if start else []
     done = failed = dropped = waiting = 0
-    for job in queue.with_plan():
+    # a shared queue (several hosts): a recorded plan is finished by whoever claims its job, fenced
+    for job in ([] if getattr(queue, "shared", False) else queue.with_plan()):
         try:
             out = worker.complete_plan(job, recovering=True, now=now)
             done += out.state == "done"

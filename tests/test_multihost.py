@@ -1,0 +1,144 @@
+"""Three daemons as three hosts sharing one inbox (and outbox/failed/archive) through one
+PostgreSQL queue, with faults: kill -9 of one host mid-job, a network cut of another for longer
+than the lease (then restored: its late publish must be fenced off), a PostgreSQL restart. At the
+end every dropped file is in exactly one of outbox/failed, exactly once (tests/_invariants.check),
+the queue agrees, no temp file is left.
+
+Default run: one short campaign (3 hosts, ~24 files, 1 kill, 1 cut, 1 restart).
+`scripts/test -m slow tests/test_multihost.py`: the long one (MULTIHOST_FILES, default 300).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from _hosts import Host, Net, host_config
+from _invariants import Cand, check, drop, ended, image_bytes, sha, walk
+from _pg import pg_cluster  # noqa: F401  (fixture)
+
+
+def _wait(pred, timeout: float, what: str, every: float = 0.1) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _working(h: Host, timeout: float = 30) -> None:
+    """Wait until host h has just started a job (so a fault lands mid-job)."""
+    n = len(h.events("job.started"))
+    h.wait_event("job.started", timeout, after=n)
+
+
+def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int = 1, lease: float = 3.0,
+             delay: float = 0.3, seed: int = 1) -> dict:
+    from watcher.pgqueue import PgQueue, migrate
+    rng = random.Random(seed)
+    net = Net(hosts)
+    try:
+        if net.netns:
+            pg.allow("10.213.0.0/16")
+            pg._as_pg("pg_ctl", "-D", str(pg.data), "reload")
+        db = f"mh{seed}_{os.getpid()}"
+        url = pg.createdb(db)
+        migrate(url)
+        # the host that will be cut works slowly (a photo takes longer than the cut), so that it is
+        # sure to come back with a result in hand and try to record it: that write must be fenced off
+        cut = rng.randrange(hosts)
+        slow = lease * 3.5
+        hs = [Host(i, host_config(tmp_path, i, f"postgresql://postgres@{net.db_host(i)}:{pg.port}/{db}", lease),
+                   net.prefix(i), env={"FAKE_DELAY": str(slow if i == cut + 1 else delay)})
+              for i in range(1, hosts + 1)]
+        for h in hs:
+            h.wait_event("daemon.ready", 60)
+        expected: dict[str, Cand] = {}
+        inbox = tmp_path / "inbox"
+        n = 0
+
+        def drop_some(k: int) -> None:
+            nonlocal n
+            for _ in range(k):
+                n += 1
+                rel = f"d{n % 3}/img{n:04d}.jpg".encode()
+                data = image_bytes(seed * 100_000 + n) if n % 11 else b"not an image %d" % n
+                expected[sha(data)] = Cand(rel, "photo" if n % 11 else "undecodable",
+                                           expect="done" if n % 11 else "failed")
+                drop(inbox, rel, data)
+
+        faults = {"kills": 0, "cuts": 0, "pg_restarts": 0}
+        per_round = max(1, files // (rounds * 4))
+        seen_starts = 0
+        for r in range(rounds):
+            victim = rng.choice([i for i in range(hosts) if i != cut])
+            drop_some(per_round)
+            hs[cut].wait_event("job.started", 60, after=seen_starts)   # mid-job (its photos are slow)
+            net.cut(cut + 1, hs[cut])                          # cut for longer than the lease …
+            faults["cuts"] += 1
+            t_cut = time.monotonic()
+            drop_some(per_round)
+            _working(hs[victim])
+            hs[victim].kill()                                  # kill -9 of another host mid-job
+            faults["kills"] += 1
+            drop_some(per_round)
+            time.sleep(max(0.0, lease * 2.5 - (time.monotonic() - t_cut)))
+            net.restore(cut + 1, hs[cut])                      # … then back: its late writes are fenced off
+            seen_starts = len(hs[cut].events("job.started"))
+            hs[victim].start()                                 # the killed host comes back
+            pg.restart()                                       # PostgreSQL restart mid-run
+            faults["pg_restarts"] += 1
+            drop_some(per_round)
+        drop_some(files - n)
+        shas = set(expected)
+
+        def settled() -> bool:
+            left = [e for e in walk(inbox) if e.data is not None and sha(e.data) in shas]
+            return not left and shas <= ended(tmp_path)
+        _wait(settled, 180, "every file settled in outbox/ or failed/", every=0.3)
+        codes = [h.stop() for h in hs]
+        assert codes == [0] * hosts, codes
+        report = check(tmp_path, expected)
+        q = PgQueue(url)
+        try:
+            counts = q.counts()
+            jobs = q.jobs()
+            host_rows = q.hosts()
+        finally:
+            q.close()
+        assert counts["pending"] == counts["running"] == 0, counts
+        assert counts["done"] == sum(1 for c in expected.values() if c.expect == "done")
+        assert counts["failed"] == sum(1 for c in expected.values() if c.expect == "failed")
+        assert len(host_rows) == hosts and all(h["state"] == "stopped" for h in host_rows)
+        return {"hosts": hosts, "netns": net.netns, "why_not_netns": net.why.strip(), **faults,
+                "files": len(expected), "done": report.outcomes["done"], "failed": report.outcomes["failed"],
+                "lost": report.lost, "duplicated": report.duplicated,
+                "fenced": sum(len(h.events("job.lease_lost")) for h in hs),
+                "leases_expired": sum(len(h.events("queue.lease_expired")) for h in hs),
+                "interrupted_jobs": sum(1 for j in jobs if j.interruptions),
+                "by_host": {h.i: len(h.events("job.done")) for h in hs}}
+    finally:
+        for h in locals().get("hs", []):
+            h.kill()
+        net.close()
+
+
+def test_three_hosts_kill_cut_and_postgres_restart(tmp_path, pg_cluster):
+    result = campaign(tmp_path, pg_cluster, hosts=3, files=24, rounds=1, seed=1)
+    print(f"multi-host campaign: {result}")
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert result["kills"] == 1 and result["cuts"] == 1 and result["pg_restarts"] == 1
+    assert result["fenced"] >= 1            # the cut host's late publish was refused
+    assert result["leases_expired"] >= 2    # the killed host's job and the cut host's job
+
+
+@pytest.mark.slow
+def test_three_hosts_long_campaign(tmp_path, pg_cluster):
+    files = int(os.environ.get("MULTIHOST_FILES", 300))
+    result = campaign(tmp_path, pg_cluster, hosts=3, files=files, rounds=max(1, files // 60), seed=2, delay=0.1)
+    print(f"multi-host campaign: {result}")
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["fenced"] >= 1

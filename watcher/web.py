@@ -1,0 +1,921 @@
+"""`photoenhanced web`: the operator's page, a JSON API, /metrics and /healthz — a separate process
+from the daemon, so that a fault here never stops enhancement.
+
+A plain WSGI application served by waitress (pure Python, threaded, no dependencies, no event
+loop: it fits this threaded codebase; the page is static HTML/CSS/JS from `web_static/`, with no
+build step). It reads the queue through read-only SQLite connections (WAL: never blocks the
+daemon) and the folders through `safefs` (no link followed). State changes (retry, pause, resume)
+go through `watcher.control` and the queue's API exactly as the CLI verbs do; the daemon carries
+them out.
+
+Security: loopback by default (another address needs `web.insecure_remote: true`); requests whose
+Host is not the listen address are refused (DNS rebinding). GET never changes anything. A POST
+needs the token from `state_dir/web.token` — as `Authorization: Bearer TOKEN`, or the HttpOnly
+SameSite=Strict cookie the page gets for `?token=TOKEN` — plus an `X-CSRF-Token` header (for the
+cookie: equal to the `pe_csrf` cookie; for Bearer: any non-empty value). Missing or wrong
+credentials → 401, a missing CSRF header → 403, too many wrong tokens from one address → 429.
+Images are only served by job id as re-encoded thumbnails/previews/crops made here into a bounded
+LRU cache in `state_dir/web-cache/`; never a raw file, never a path in a URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import parse_qs, quote
+
+import structlog
+
+from . import control, names, safefs
+from .config import Config, is_loopback, split_listen
+from .errors import InvalidTransition, QueueCorrupt, StateUnavailable, UnknownJob
+from .queue import STATES, Job, Queue
+
+log = structlog.get_logger(__name__)
+
+EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+STATIC = Path(__file__).with_name("web_static")
+TOKEN_FILE = "web.token"
+CACHE_DIR = "web-cache"
+CACHE_BYTES = 256 << 20          # the preview cache's bound (LRU by mtime, touched on each hit)
+THUMB_PX, PREVIEW_PX, CROP_PX = 320, 1600, 512
+SOURCE_MAX_BYTES = 512 << 20     # a file larger than this gets no preview
+FRESH_S = 15.0                   # /healthz: the daemon's status row is at most this old
+MAX_BODY = 16 << 10              # request bodies (POSTs carry none that matter)
+MAX_HEADERS = 32 << 10
+AUTH_WINDOW_S, AUTH_MAX_FAILS = 60.0, 10
+JOBS_MAX_LIMIT = 500
+MAX_ID = 2 ** 63 - 1
+THREADS = 6
+_STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_CTYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+           ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+           ".ico": "image/x-icon"}
+_SEC_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self';"
+     " connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+]
+
+
+# --- the token ---------------------------------------------------------------------------------
+
+def load_token(state_dir: Path) -> str:
+    """The token in state_dir/web.token, created (0600, 32 random bytes, URL-safe) when missing."""
+    path = Path(state_dir) / TOKEN_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+                log.warning("web.token_mode_fixed", path=str(path), was=oct(st.st_mode & 0o777))
+            token = os.read(fd, 4096).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        if len(token) >= 16:
+            return token
+        raise ValueError(f"{path} holds no usable token (at least 16 characters); delete it to make a new one")
+    token = secrets.token_urlsafe(32)
+    try:
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.info("web.token_created", path=str(path))
+    return token
+
+
+# --- the preview cache ---------------------------------------------------------------------------
+
+class PreviewCache:
+    """Re-encoded JPEGs by key in one folder, at most `limit` bytes: a hit touches the file's mtime,
+    an insert past the limit removes the least recently used files. Thread-safe; files are written
+    to a temp name and renamed, so a reader never sees half a file."""
+
+    def __init__(self, folder: Path, limit: int = CACHE_BYTES):
+        self.folder, self.limit = folder, limit
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._sizes: dict[str, int] = {}
+        for p in folder.iterdir():
+            if p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+            elif p.is_file():
+                self._sizes[p.name] = p.stat().st_size
+        self.hits = self.misses = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self._sizes.values())
+
+    def get(self, key: str, make: Callable[[], bytes]) -> bytes:
+        name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".jpg"
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+            os.utime(path)
+            self.hits += 1
+            return data
+        except FileNotFoundError:
+            pass
+        self.misses += 1
+        data = make()
+        tmp = self.folder / f"{name}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        with self._lock:
+            self._sizes[name] = len(data)
+            if self.total > self.limit:
+                self._evict(keep=name)
+        return data
+
+    def _evict(self, keep: str) -> None:
+        aged = []
+        for n in list(self._sizes):
+            try:
+                aged.append((os.stat(self.folder / n).st_mtime_ns, n))
+            except FileNotFoundError:
+                self._sizes.pop(n, None)
+        aged.sort()
+        target = self.limit * 0.9
+        for _, n in aged:
+            if self.total <= target:
+                break
+            if n == keep:
+                continue
+            (self.folder / n).unlink(missing_ok=True)
+            self._sizes.pop(n, None)
+
+
+# --- images of a job -----------------------------------------------------------------------------
+
+class NoImage(Exception):
+    """No image to show for this job and side (deleted original, not done yet, undecodable …)."""
+
+
+def _heif() -> None:
+    try:
+        import pillow_heif
+        pillow_heif.register_heif_opener()
+    except Exception:              # optional: HEIC previews then say "no preview"
+        pass
+
+
+class Images:
+    """Finds a job's original ("before") and result ("after") below the configured folders and
+    renders bounded JPEGs of them. Every file is opened through safefs (no link followed, only
+    regular files, only below inbox/outbox/failed/archive)."""
+
+    def __init__(self, cfg: Config, cache: PreviewCache):
+        self.cfg = cfg
+        self.pub = control.publisher(cfg)
+        self.cache = cache
+        self.max_pixels = int(max(cfg.enhance.max_input_megapixels, cfg.enhance.max_output_megapixels) * 1e6)
+        self._sem = threading.Semaphore(2)      # at most two full decodes at once (memory)
+        _heif()
+
+    def source(self, job: Job, which: str) -> tuple[Path, str, os.stat_result] | None:
+        """(root, relative path, lstat) of the file that shows `which` side of `job`, or None."""
+        f = self.cfg.folders
+        cands: list[tuple[Path, str]] = []
+        if which == "after":
+            if job.state == "done" and job.outputs and isinstance(job.outputs[0].get("path"), str):
+                cands.append(self._locate(job.outputs[0]["path"]))
+        elif job.state == "failed":
+            if job.outputs and isinstance(job.outputs[0].get("path"), str):
+                cands.append(self._locate(job.outputs[0]["path"]))
+        elif job.state in ("pending", "running"):
+            cands.append((f.inbox, job.rel_path))
+        elif job.state == "done" and f.archive is not None and self.cfg.jobs.originals == "archive":
+            # the archive path is not recorded: the original's name, or a numbered one of its size
+            d, _, base = job.rel_path.rpartition("/")
+            stem, dot, ext = base.rpartition(".")
+            for n in range(0, 10):        # publish's collision names: "NAME (n).EXT"
+                name = base if n == 0 else (f"{stem} ({n}).{ext}" if dot and stem else f"{base} ({n})")
+                cands.append((f.archive, f"{d}/{name}" if d else name))
+        for root, rel in cands:
+            if root is None:
+                continue
+            try:
+                st = safefs.lstat(root, rel)
+            except (OSError, ValueError):
+                continue
+            if st is None or not (st.st_mode & 0o170000 == 0o100000):
+                continue
+            if which == "before" and job.state == "done" and st.st_size != job.size:
+                continue
+            return root, rel, st
+        return None
+
+    def _locate(self, path: str) -> tuple[Path | None, str]:
+        try:
+            return self.pub.locate(path)
+        except ValueError:
+            return None, ""
+
+    def _read(self, root: Path, rel: str) -> bytes:
+        with safefs.dir_of(root, rel) as (fd, name):
+            f, st = safefs.open_read_at(fd, name)
+            try:
+                if st.st_size > SOURCE_MAX_BYTES:
+                    raise NoImage("file too large for a preview")
+                return safefs.read_fd(f, st.st_size)
+            finally:
+                os.close(f)
+
+    def _open(self, data: bytes, draft: int | None):
+        from PIL import Image, ImageOps
+        try:
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > self.max_pixels or w * h <= 0:
+                raise NoImage(f"{w}×{h} is too large for a preview")
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in ("RGB", "L"):
+                if "A" in im.getbands() or im.mode == "P":
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba)
+                im = im.convert("RGB") if im.mode != "I;16" else im.point(lambda v: v / 256).convert("L")
+            return im
+        except NoImage:
+            raise
+        except Exception as exc:          # any decoder error: no preview, never a 500
+            raise NoImage(f"cannot decode: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _jpeg(im) -> bytes:
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=85, optimize=False)
+        return out.getvalue()
+
+    def render(self, job: Job, which: str, kind: str, fx: float = 0.5, fy: float = 0.5) -> bytes:
+        """A JPEG of one side: kind `thumb` (≤ THUMB_PX), `preview` (≤ PREVIEW_PX) or `crop` (a
+        CROP_PX square at 100 % of the result around (fx, fy); the original's same region scaled
+        to the same size, so both align under the slider)."""
+        src = self.source(job, which)
+        if src is None:
+            raise NoImage(f"no {which} image")
+        root, rel, st = src
+        key = f"{job.id}|{which}|{kind}|{fx:.3f}|{fy:.3f}|{root}|{rel}|{st.st_size}|{st.st_mtime_ns}"
+        if kind == "crop":
+            other = self.source(job, "after" if which == "before" else "before")
+            key += f"|{other[2].st_size}|{other[2].st_mtime_ns}" if other else "|-"
+
+        def make() -> bytes:
+            with self._sem:
+                if kind == "crop":
+                    return self._crop(job, which, root, rel, fx, fy)
+                from PIL import Image
+                px = THUMB_PX if kind == "thumb" else PREVIEW_PX
+                im = self._open(self._read(root, rel), px)
+                im.thumbnail((px, px), Image.Resampling.LANCZOS)
+                return self._jpeg(im)
+        return self.cache.get(key, make)
+
+    def _crop(self, job: Job, which: str, root: Path, rel: str, fx: float, fy: float) -> bytes:
+        from PIL import Image
+        after = self.source(job, "after")
+        if after is None:
+            raise NoImage("the zoom needs the result")
+        a_im = self._open(self._read(after[0], after[1]), None)   # results carry no EXIF rotation
+        aw, ah = a_im.size
+        side = min(CROP_PX, aw, ah)
+        x0 = min(max(0, round(fx * aw - side / 2)), aw - side)
+        y0 = min(max(0, round(fy * ah - side / 2)), ah - side)
+        if which == "after":
+            return self._jpeg(a_im.crop((x0, y0, x0 + side, y0 + side)))
+        im = self._open(self._read(root, rel), None)
+        bw, bh = im.size
+        sx, sy = bw / aw, bh / ah
+        box = (round(x0 * sx), round(y0 * sy), max(round(x0 * sx) + 1, round((x0 + side) * sx)),
+               max(round(y0 * sy) + 1, round((y0 + side) * sy)))
+        return self._jpeg(im.crop(box).resize((side, side), Image.Resampling.NEAREST))
+
+    def sidecar(self, job: Job) -> dict | None:
+        """The sidecar beside the result (done) or the original in failed/ (failed), parsed."""
+        if job.state not in ("done", "failed") or not job.outputs or not isinstance(job.outputs[0].get("path"), str):
+            return None
+        root, rel = self._locate(job.outputs[0]["path"] + ".json")
+        if root is None:
+            return None
+        try:
+            with safefs.dir_of(root, rel) as (fd, name):
+                f, st = safefs.open_read_at(fd, name)
+                try:
+                    data = safefs.read_fd(f, 2 << 20)
+                finally:
+                    os.close(f)
+            doc = json.loads(data[: 2 << 20])
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def metrics_text(doc: dict, now: float) -> bytes:
+    """The Prometheus exposition of the status document (prometheus_client): the daemon's own
+    metrics snapshot (the same families as the node_exporter textfile) plus up/paused/age."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from .metrics import HOOK_RESULTS, JOB_STATES, PREFIX
+
+    class Collector:
+        def collect(self):
+            d = doc["daemon"]
+            snap = doc.get("metrics") or {}
+            g = GaugeMetricFamily(PREFIX + "daemon_up", "1 when the daemon holds its lock and runs.")
+            g.add_metric([], 1.0 if d.get("running") else 0.0)
+            yield g
+            g = GaugeMetricFamily(PREFIX + "paused", "1 when the operator paused the worker.")
+            g.add_metric([], 1.0 if d.get("paused") else 0.0)
+            yield g
+            g = GaugeMetricFamily(PREFIX + "status_age_seconds", "Age of the daemon's status row.")
+            g.add_metric([], max(0.0, now - d["updated"]) if d.get("updated") else float("nan"))
+            yield g
+            g = GaugeMetricFamily(PREFIX + "jobs", "Jobs in the queue by state.", labels=["state"])
+            for s in dict.fromkeys([*JOB_STATES, *doc["counts"]]):
+                g.add_metric([s], float(doc["counts"].get(s, 0)))
+            yield g
+            g = GaugeMetricFamily(PREFIX + "jobs_backoff", "Pending jobs waiting out a retry backoff.")
+            g.add_metric([], float(snap.get("backoffs", 0) or 0))
+            yield g
+            g = GaugeMetricFamily(PREFIX + "done_last_hour", "Jobs done in the last hour.")
+            g.add_metric([], float(doc.get("throughput", {}).get("done_last_hour", 0)))
+            yield g
+            c = CounterMetricFamily(PREFIX + "outcomes", "Finished job attempts by outcome.", labels=["outcome"])
+            for k, v in (snap.get("outcomes") or {}).items():
+                c.add_metric([str(k)], float(v))
+            yield c
+            c = CounterMetricFamily(PREFIX + "faces", "Faces found in processed photos.")
+            c.add_metric([], float(snap.get("faces", 0) or 0))
+            yield c
+            g = GaugeMetricFamily(PREFIX + "last_success_timestamp_seconds", "When a photo was last done (0: never).")
+            g.add_metric([], float(snap.get("last_success") or 0))
+            yield g
+            hooks = snap.get("hooks") or {}
+            c = CounterMetricFamily(PREFIX + "hooks", "Completion hook notices by result.", labels=["result"])
+            for k in dict.fromkeys([*HOOK_RESULTS, *hooks]):
+                c.add_metric([str(k)], float(hooks.get(k, 0)))
+            yield c
+            h = HistogramMetricFamily(PREFIX + "stage_duration_seconds", "Time spent per processing stage.",
+                                      labels=["stage"])
+            les = [*(float(b) / 1000 for b in snap.get("buckets_ms", [])), float("inf")]
+            for stage, hist in (snap.get("stages") or {}).items():
+                counts = hist.get("buckets", [])
+                if len(counts) != len(les):
+                    continue
+                cum, buckets = 0, []
+                for le, n in zip(les, counts):
+                    cum += n
+                    buckets.append(("+Inf" if le == float("inf") else repr(le), float(cum)))
+                h.add_metric([str(stage)], buckets, float(hist.get("sum_ms", 0)) / 1000)
+            yield h
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector())
+    return generate_latest(reg)
+
+
+# --- the application -----------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, list(headers)
+
+
+_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+            421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+class WebApp:
+    """The WSGI application. One instance per process; safe for waitress's worker threads."""
+
+    def __init__(self, cfg: Config, token: str, listen_host: str = "127.0.0.1"):
+        self.cfg = cfg
+        self.token = token
+        self.session = hmac.new(token.encode(), b"photoenhanced-session", "sha256").hexdigest()
+        self.csrf = hmac.new(token.encode(), b"photoenhanced-csrf", "sha256").hexdigest()
+        self.loopback_only = is_loopback(listen_host)
+        self.allowed_hosts = {"localhost", "127.0.0.1", "::1", listen_host.lower()}
+        self.images = Images(cfg, PreviewCache(cfg.state_dir / CACHE_DIR))
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._fails: dict[str, deque[float]] = {}
+        self._fails_lock = threading.Lock()
+        self.routes: list[tuple[str, re.Pattern, Callable, bool]] = [
+            ("GET", re.compile(r"/"), self.page_dashboard, False),
+            ("GET", re.compile(r"/jobs/(\d{1,18})"), self.page_job, False),
+            ("GET", re.compile(r"/static/([^/]+)"), self.static, False),
+            ("GET", re.compile(r"/api/status"), self.api_status, False),
+            ("GET", re.compile(r"/api/jobs"), self.api_jobs, False),
+            ("GET", re.compile(r"/api/jobs/(\d{1,18})"), self.api_job, False),
+            ("GET", re.compile(r"/api/jobs/(\d{1,18})/image"), self.api_image, False),
+            ("POST", re.compile(r"/api/jobs/(\d{1,18})/retry"), self.api_retry, True),
+            ("POST", re.compile(r"/api/pause"), self.api_pause, True),
+            ("POST", re.compile(r"/api/resume"), self.api_resume, True),
+            ("GET", re.compile(r"/api/session"), self.api_session, False),
+            ("GET", re.compile(r"/api/openapi.json"), self.api_openapi, False),
+            ("GET", re.compile(r"/metrics"), self.metrics, False),
+            ("GET", re.compile(r"/healthz"), self.healthz, False),
+        ]
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _postgres(self) -> bool:
+        from . import backends
+        return backends.is_postgres(getattr(getattr(self.cfg, "queue", None), "url", None))
+
+    def _queue(self) -> Queue | None:
+        """This thread's read-only connection (None until the daemon made the queue file)."""
+        q = getattr(self._local, "q", None)
+        if q is None:
+            if self._postgres():
+                from . import backends
+                q = self._local.q = backends.connect(self.cfg, readonly=True)
+                return q
+            if not self.cfg.queue_path.exists():
+                return None
+            q = self._local.q = Queue(self.cfg.queue_path, readonly=True)
+        return q
+
+    def _writer(self) -> Queue:
+        if self._postgres():
+            from . import backends
+            return backends.connect(self.cfg)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        return Queue(self.cfg.queue_path)
+
+    def __call__(self, environ, start_response):
+        t0 = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        headers: list[tuple[str, str]] = []
+        try:
+            self._check_host(environ)
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                raise HTTPError(400, "bad Content-Length") from None
+            if length > MAX_BODY:
+                raise HTTPError(413, "request body too large")
+            allowed = []
+            for m, rx, handler, needs_auth in self.routes:
+                match = rx.fullmatch(path)
+                if not match:
+                    continue
+                allowed.append(m)
+                if m != method and not (m == "GET" and method == "HEAD"):
+                    continue
+                if needs_auth:
+                    self._authorize(environ)
+                status, ctype, body, extra = handler(environ, *match.groups())
+                break
+            else:
+                if allowed:
+                    raise HTTPError(405, "method not allowed", [("Allow", ", ".join(sorted(set(allowed))))])
+                raise HTTPError(404, "not found")
+        except HTTPError as exc:
+            status, ctype, extra = exc.status, "application/json", exc.headers
+            body = json.dumps({"error": exc.message, "status": exc.status}).encode()
+        except UnknownJob as exc:
+            status, ctype, extra = 404, "application/json", []
+            body = json.dumps({"error": names.safe(str(exc)), "status": 404}).encode()
+        except (StateUnavailable, QueueCorrupt, sqlite3.OperationalError) as exc:
+            # OperationalError: a queue file the daemon is still creating (no tables yet)
+            status, ctype, extra = 503, "application/json", [("Retry-After", "5")]
+            body = json.dumps({"error": f"the queue cannot be read: {names.safe(str(exc))}", "status": 503}).encode()
+        except Exception:
+            log.exception("web.error", method=method, path=names.safe(path))
+            status, ctype, extra = 500, "application/json", []
+            body = json.dumps({"error": "internal error (see the web process's log)", "status": 500}).encode()
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), *_SEC_HEADERS, *extra]
+        if not any(h[0] == "Cache-Control" for h in extra):
+            headers.append(("Cache-Control", "no-store"))
+        start_response(f"{status} {_REASONS.get(status, 'Unknown')}", headers)
+        log.debug("web.request", method=method, path=names.safe(path), status=status,
+                  ms=round((time.perf_counter() - t0) * 1000, 1))
+        return [b"" if method == "HEAD" else body]
+
+    def _check_host(self, environ) -> None:
+        if not self.loopback_only:
+            return
+        host = environ.get("HTTP_HOST", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if name not in self.allowed_hosts:
+            raise HTTPError(421, "unexpected Host header (the page answers on its loopback address only)")
+
+    def _client(self, environ) -> str:
+        return environ.get("REMOTE_ADDR", "?")
+
+    def _throttled(self, environ) -> bool:
+        now = time.monotonic()
+        with self._fails_lock:
+            q = self._fails.get(self._client(environ))
+            while q and now - q[0] > AUTH_WINDOW_S:
+                q.popleft()
+            return bool(q) and len(q) >= AUTH_MAX_FAILS
+
+    def _failed_attempt(self, environ) -> None:
+        with self._fails_lock:
+            if len(self._fails) > 10_000:
+                self._fails.clear()
+            self._fails.setdefault(self._client(environ), deque()).append(time.monotonic())
+        log.warning("web.bad_token", client=self._client(environ))
+
+    def _cookies(self, environ) -> dict[str, str]:
+        out = {}
+        for part in environ.get("HTTP_COOKIE", "").split(";"):
+            k, sep, v = part.strip().partition("=")
+            if sep:
+                out[k] = v
+        return out
+
+    def _authorize(self, environ) -> None:
+        if self._throttled(environ):
+            raise HTTPError(429, "too many wrong tokens; wait a minute", [("Retry-After", str(int(AUTH_WINDOW_S)))])
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        cookies = self._cookies(environ)
+        csrf = environ.get("HTTP_X_CSRF_TOKEN", "")
+        if auth:
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                self._failed_attempt(environ)
+                raise HTTPError(401, "wrong token", [("WWW-Authenticate", 'Bearer realm="photoenhanced"')])
+            if not csrf:
+                raise HTTPError(403, "missing X-CSRF-Token header")
+            return
+        session = cookies.get("pe_session", "")
+        if not session:
+            raise HTTPError(401, "this needs the token from state_dir/web.token (Authorization: Bearer …)",
+                            [("WWW-Authenticate", 'Bearer realm="photoenhanced"')])
+        if not hmac.compare_digest(session.encode(), self.session.encode()):
+            self._failed_attempt(environ)
+            raise HTTPError(401, "stale session: open the URL that photoenhanced web printed",
+                            [("WWW-Authenticate", 'Bearer realm="photoenhanced"')])
+        if not csrf or not hmac.compare_digest(csrf.encode(), self.csrf.encode()):
+            raise HTTPError(403, "missing or wrong X-CSRF-Token header")
+
+    def _query(self, environ) -> dict[str, str]:
+        try:
+            q = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True, strict_parsing=False,
+                         max_num_fields=20)
+        except ValueError:
+            raise HTTPError(400, "too many query parameters") from None
+        return {k: v[-1] for k, v in q.items()}
+
+    @staticmethod
+    def _json(doc, status: int = 200, extra=()) -> tuple:
+        return status, "application/json", json.dumps(doc, ensure_ascii=True).encode(), list(extra)
+
+    # --- pages ---------------------------------------------------------------------------------
+
+    def _page(self, environ, name: str) -> tuple:
+        """A static page; `?token=` is exchanged for the session cookies and a redirect to the
+        same page without it (the token then stays out of the history and the address bar)."""
+        query = self._query(environ)
+        if "token" in query:
+            if self._throttled(environ):
+                raise HTTPError(429, "too many wrong tokens; wait a minute", [("Retry-After", str(int(AUTH_WINDOW_S)))])
+            where = quote(environ.get("PATH_INFO", "/"))
+            if hmac.compare_digest(query["token"].encode(), self.token.encode()):
+                attrs = "Path=/; SameSite=Strict"
+                return 303, "text/plain", b"", [
+                    ("Location", where),
+                    ("Set-Cookie", f"pe_session={self.session}; {attrs}; HttpOnly"),
+                    ("Set-Cookie", f"pe_csrf={self.csrf}; {attrs}")]
+            self._failed_attempt(environ)
+            return 303, "text/plain", b"", [("Location", where)]
+        body = (STATIC / name).read_bytes()
+        return 200, _CTYPES[".html"], body, []
+
+    def page_dashboard(self, environ) -> tuple:
+        return self._page(environ, "index.html")
+
+    def page_job(self, environ, job_id: str) -> tuple:
+        self._job(job_id)                     # 404 for an unknown job
+        return self._page(environ, "job.html")
+
+    def static(self, environ, name: str) -> tuple:
+        if not _STATIC_NAME.fullmatch(name) or name.endswith(".html"):
+            raise HTTPError(404, "not found")
+        try:
+            with safefs.dir_of(STATIC, name) as (fd, leaf):
+                f, st = safefs.open_read_at(fd, leaf)
+                try:
+                    body = safefs.read_fd(f, 4 << 20)
+                finally:
+                    os.close(f)
+        except (OSError, ValueError):
+            raise HTTPError(404, "not found") from None
+        ctype = _CTYPES.get(os.path.splitext(name)[1])
+        if ctype is None:
+            raise HTTPError(404, "not found")
+        return 200, ctype, body, [("Cache-Control", "max-age=300")]
+
+    # --- the JSON API --------------------------------------------------------------------------
+
+    def _status_doc(self) -> dict:
+        doc, problem = control.status(self.cfg, self._queue())
+        if problem:
+            raise StateUnavailable(problem)
+        return doc
+
+    def api_status(self, environ) -> tuple:
+        return self._json(control.encodable_status(self._status_doc()))
+
+    def _int(self, query: dict, key: str, default: int, lo: int, hi: int) -> int:
+        raw = query.get(key)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"\d{1,10}", raw) or not lo <= int(raw) <= hi:
+            raise HTTPError(400, f"{key} must be an integer from {lo} to {hi}")
+        return int(raw)
+
+    def api_jobs(self, environ) -> tuple:
+        query = self._query(environ)
+        unknown = set(query) - {"state", "limit", "offset", "order"}
+        if unknown:
+            raise HTTPError(400, f"unknown parameter {names.safe(sorted(unknown)[0])}")
+        state = query.get("state")
+        if state is not None and state not in STATES:
+            raise HTTPError(400, f"state must be one of {', '.join(STATES)}")
+        order = query.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise HTTPError(400, "order must be asc or desc")
+        limit = self._int(query, "limit", 100, 1, JOBS_MAX_LIMIT)
+        offset = self._int(query, "offset", 0, 0, 10 ** 9)
+        q = self._queue()
+        jobs = q.jobs(state, limit, offset, newest_first=order == "desc") if q else []
+        return self._json([control.public_job(j.public()) for j in jobs])
+
+    def _job(self, job_id: str) -> Job:
+        i = int(job_id)
+        q = self._queue()
+        if q is None or not 1 <= i <= MAX_ID:
+            raise HTTPError(404, f"no job {job_id}")
+        return q.get(i)
+
+    def api_job(self, environ, job_id: str) -> tuple:
+        job = self._job(job_id)
+        doc = control.public_job(job.public())
+        sidecar = self.images.sidecar(job)
+        doc["sidecar"] = names.encodable(sidecar) if sidecar is not None else None
+        doc["images"] = {w: self.images.source(job, w) is not None for w in ("before", "after")}
+        return self._json(doc)
+
+    def api_image(self, environ, job_id: str) -> tuple:
+        query = self._query(environ)
+        which, kind = query.get("which", "after"), query.get("size", "preview")
+        if which not in ("before", "after") or kind not in ("thumb", "preview", "crop"):
+            raise HTTPError(400, "which must be before|after, size thumb|preview|crop")
+        fx = fy = 0.5
+        if kind == "crop":
+            try:
+                fx, fy = float(query.get("x", "0.5")), float(query.get("y", "0.5"))
+            except ValueError:
+                raise HTTPError(400, "x and y are fractions from 0 to 1") from None
+            if not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0):
+                raise HTTPError(400, "x and y are fractions from 0 to 1")
+        job = self._job(job_id)
+        try:
+            body = self.images.render(job, which, kind, fx, fy)
+        except NoImage as exc:
+            raise HTTPError(404, str(exc)) from None
+        except OSError:
+            raise HTTPError(404, f"no {which} image") from None
+        return 200, "image/jpeg", body, [("Cache-Control", "private, max-age=60")]
+
+    def _write(self, fn: Callable[[Queue], dict]) -> dict:
+        with self._write_lock:
+            q = self._writer()
+            try:
+                return fn(q)
+            finally:
+                q.close()
+
+    def api_retry(self, environ, job_id: str) -> tuple:
+        i = int(job_id)
+        if not 1 <= i <= MAX_ID:
+            raise HTTPError(404, f"no job {job_id}")
+
+        def go(q: Queue) -> dict:
+            try:
+                job = control.retry_job(self.cfg, q, i, "web", self.images.pub)
+            except InvalidTransition as exc:
+                raise HTTPError(409, names.safe(str(exc))) from None
+            except control.RetryRefused as exc:
+                raise HTTPError(409, str(exc)) from None
+            log.info("web.retry", job=i, path=names.display(job.rel_path))
+            return control.public_job(job.public())
+        return self._json(self._write(go))
+
+    def _pause(self, paused: bool) -> tuple:
+        def go(q: Queue) -> dict:
+            was = q.set_paused(paused, "web")
+            log.info("web.pause" if paused else "web.resume", was_paused=was)
+            return {"paused": paused, "was_paused": was}
+        return self._json(self._write(go))
+
+    def api_pause(self, environ) -> tuple:
+        return self._pause(True)
+
+    def api_resume(self, environ) -> tuple:
+        return self._pause(False)
+
+    def api_session(self, environ) -> tuple:
+        ok = hmac.compare_digest(self._cookies(environ).get("pe_session", "").encode(), self.session.encode())
+        return self._json({"authenticated": ok})
+
+    def api_openapi(self, environ) -> tuple:
+        return self._json(openapi())
+
+    def metrics(self, environ) -> tuple:
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return 200, CONTENT_TYPE_LATEST, metrics_text(self._status_doc(), time.time()), []
+
+    def healthz(self, environ) -> tuple:
+        doc = self._status_doc()
+        d = doc["daemon"]
+        age = time.time() - d["updated"] if d.get("updated") else None
+        ok = bool(d.get("running")) and age is not None and age <= FRESH_S
+        body = {"ok": ok, "state": d.get("state"), "age_s": None if age is None else round(age, 1)}
+        return self._json(body, 200 if ok else 503)
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------
+
+def openapi() -> dict:
+    nstr = {"type": "string", "nullable": True}
+    nnum = {"type": "number", "nullable": True}
+    nint = {"type": "integer", "nullable": True}
+    err = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    job = {"type": "object", "required": ["id", "path", "state", "attempts", "created", "updated", "outputs"],
+           "properties": {
+               "id": {"type": "integer"}, "path": {"type": "string"},
+               "path_b64": {"type": "string", "description": "the exact bytes of the name (URL-safe base64)"},
+               "state": {"type": "string", "enum": list(STATES)}, "attempts": {"type": "integer"},
+               "interruptions": {"type": "integer"}, "last_error": nstr, "error_kind": nstr, "profile": nstr,
+               "sha256": {"type": "string"}, "wait_reason": nstr, "not_before": nnum,
+               "created": {"type": "number"}, "updated": {"type": "number"},
+               "outputs": {"type": "array", "items": {"type": "object"}}, "duplicate_of": nint}}
+    status = {"type": "object", "required": ["daemon", "counts", "current"], "properties": {
+        "daemon": {"type": "object", "required": ["running", "state", "paused"], "properties": {
+            "running": {"type": "boolean"}, "pid": nint, "state": nstr, "reason": nstr, "since": nnum,
+            "updated": nnum, "paused": {"type": "boolean"}}},
+        "counts": {"type": "object", "required": list(STATES),
+                   "properties": {s: {"type": "integer"} for s in STATES}},
+        "current": {"type": "object", "nullable": True},
+        "metrics": {"type": "object", "nullable": True},
+        "throughput": {"type": "object", "properties": {"done_last_hour": {"type": "integer"}}}}}
+    auth = [{"bearer": [], "csrf": []}, {"cookie": [], "csrf": []}]
+    post_responses = {"401": err, "403": err, "404": err, "409": err, "429": err}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "photoenhanced", "version": "1",
+                 "description": "The daemon's state and queue; state changes need the token (see README)."},
+        "paths": {
+            "/api/status": {"get": {"summary": "the same document as `photoenhanced status --json`",
+                                    "responses": {"200": {"description": "status", "content": {
+                                        "application/json": {"schema": status}}}, "503": err}}},
+            "/api/jobs": {"get": {
+                "summary": "jobs, in the shape of `photoenhanced list --json`",
+                "parameters": [
+                    {"name": "state", "in": "query", "schema": {"type": "string", "enum": list(STATES)}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                 "maximum": JOBS_MAX_LIMIT, "default": 100}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                                  "maximum": 10 ** 9, "default": 0}},
+                    {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}}],
+                "responses": {"200": {"description": "jobs", "content": {"application/json": {
+                    "schema": {"type": "array", "items": job}}}}, "400": err, "503": err}}},
+            "/api/jobs/{id}": {"get": {
+                "summary": "one job, with its sidecar", "parameters": [job_id],
+                "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": {
+                    "allOf": [job, {"type": "object", "required": ["sidecar", "images"], "properties": {
+                        "sidecar": {"type": "object", "nullable": True},
+                        "images": {"type": "object", "properties": {"before": {"type": "boolean"},
+                                                                    "after": {"type": "boolean"}}}}}]}}}},
+                              "404": err, "503": err}}},
+            "/api/jobs/{id}/image": {"get": {
+                "summary": "a re-encoded JPEG of the original (before) or the result (after)",
+                "parameters": [job_id,
+                               {"name": "which", "in": "query", "schema": {"type": "string", "enum": ["before", "after"]}},
+                               {"name": "size", "in": "query",
+                                "schema": {"type": "string", "enum": ["thumb", "preview", "crop"]}},
+                               {"name": "x", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+                               {"name": "y", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1}}],
+                "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {
+                    "schema": {"type": "string", "format": "binary"}}}}, "400": err, "404": err, "503": err}}},
+            "/api/jobs/{id}/retry": {"post": {
+                "summary": "put a failed job back (as `photoenhanced retry ID`)", "parameters": [job_id],
+                "security": auth,
+                "responses": {"200": {"description": "the job, pending again", "content": {
+                    "application/json": {"schema": job}}}, **post_responses}}},
+            "/api/pause": {"post": {"summary": "as `photoenhanced pause`", "security": auth, "responses": {
+                "200": {"description": "paused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pause"}}}},
+                **post_responses}}},
+            "/api/resume": {"post": {"summary": "as `photoenhanced resume`", "security": auth, "responses": {
+                "200": {"description": "resumed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pause"}}}},
+                **post_responses}}},
+            "/healthz": {"get": {"summary": "200 when the daemon's status row is fresh", "responses": {
+                "200": {"description": "fresh", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}},
+                "503": {"description": "stale or stopped", "content": {"application/json": {
+                    "schema": {"anyOf": [{"$ref": "#/components/schemas/Health"}, {"$ref": "#/components/schemas/Error"}]}}}}}}},
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the token in state_dir/web.token"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "pe_session"},
+                "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "status"],
+                          "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
+                "Pause": {"type": "object", "required": ["paused", "was_paused"],
+                          "properties": {"paused": {"type": "boolean"}, "was_paused": {"type": "boolean"}}},
+                "Health": {"type": "object", "required": ["ok", "state", "age_s"],
+                           "properties": {"ok": {"type": "boolean"}, "state": nstr, "age_s": nnum}}}},
+    }
+
+
+# --- the process ---------------------------------------------------------------------------------
+
+def serve(cfg: Config, listen: str | None = None, log_format: str | None = None, environ=os.environ) -> int:
+    """`photoenhanced web`: serve until SIGTERM/SIGINT. Prints the URL with the token once."""
+    from waitress.server import create_server
+    from . import logs
+    from .logs import say
+    from .notify import Notifier
+    given = listen is not None
+    listen = listen or cfg.web.listen
+    try:
+        host, port = split_listen(listen)
+    except ValueError as exc:
+        say(f"photoenhanced: --listen {exc}")
+        return EX_USAGE
+    if not is_loopback(host) and not cfg.web.insecure_remote:
+        say(f"photoenhanced: {listen} is not a loopback address: the page has no TLS; put a TLS proxy in front of"
+            " a loopback address, or set web.insecure_remote: true in the config")
+        return EX_USAGE if given else EX_CONFIG
+    logs.configure(log_format or cfg.log.format, cfg.log.level)
+    try:
+        token = load_token(cfg.state_dir)
+        app = WebApp(cfg, token, host)
+    except (OSError, ValueError) as exc:
+        say(f"photoenhanced: state_dir {cfg.state_dir}: {getattr(exc, 'strerror', None) or exc}")
+        return EX_RUNTIME
+    try:
+        server = create_server(app, host=host, port=port, threads=THREADS, channel_timeout=30,
+                               max_request_body_size=MAX_BODY, max_request_header_size=MAX_HEADERS,
+                               connection_limit=64, ident="photoenhanced", expose_tracebacks=False,
+                               clear_untrusted_proxy_headers=True)
+    except OSError as exc:
+        say(f"photoenhanced: cannot listen on {listen}: {exc.strerror}")
+        return EX_RUNTIME
+    port = getattr(server, "effective_port", port)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    log.info("web.listening", url=url, state_dir=str(cfg.state_dir), pid=os.getpid())
+    say(f"photoenhanced web: {url}?token={token}")
+    say(f"  (open it once to control the daemon from the page; the token is also in {cfg.state_dir / TOKEN_FILE})")
+    notifier = Notifier(environ)
+    notifier.ready(f"listening on {url}")
+    while not stop.wait(1.0):
+        if not thread.is_alive():
+            log.error("web.server_died")
+            return EX_RUNTIME
+    notifier.stopping()
+    server.close()
+    log.info("web.stopped")
+    return EX_OK
