@@ -55,10 +55,12 @@ class Result:
 
 class Enhancer(Protocol):
     """Built once, warm; one call at a time. `progress` is called between steps and per tile
-    (the daemon's watchdog ping); it must be cheap."""
+    (the daemon's watchdog ping); it must be cheap. An enhancer may call it with no arguments
+    or with keyword information, `progress(tiles_done=i, tiles_total=n)` after tile i of n (the
+    daemon shows it on the page and in `status --json`), so a callback accepts `**info`."""
 
     def enhance(self, image: np.ndarray, params: Params,
-                progress: Callable[[], None] | None = None) -> Result: ...
+                progress: Callable[..., None] | None = None) -> Result: ...
 
     def describe(self) -> dict: ...     # {"device": ..., "precision": ..., "models": [ModelInfo...]}
 

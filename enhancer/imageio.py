@@ -11,10 +11,13 @@ What the rest of the project relies on (see tests/test_imageio.py for one round 
   each container in bounded work before Pillow runs) are refused here, before any pixel is
   decoded. ``tick()`` is called per page and during long walks (the daemon's watchdog).
 * ``decode`` = probe + pixels. EXIF orientation is applied; 16-bit PNG/TIFF keep all 16 bits
-  (Pillow reduces 16-bit *RGB* to 8 bits, so those go through OpenCV); CMYK is converted to sRGB
+  (Pillow reduces 16-bit *RGB* to 8 bits, so those go through OpenCV), 10/12-bit HEIF all its
+  bits (pillow-heif's ``open_heif(convert_hdr_to_8bit=False)``, scaled so that the source's
+  white is 1.0; ``Decoded.bits`` = 16); CMYK is converted to sRGB
   through its embedded ICC profile when it has one; palette images become RGB(A).
 * ``encode`` writes the enhanced pages: EXIF with Orientation = 1 and the new pixel dimensions,
-  the ICC profile byte-identical, alpha, 16 bits where the source had them, grayscale as
+  the ICC profile byte-identical, alpha, 16 bits where the source had them (HEIF: the source
+  HEIF's 10/12 bits, 12 from a 16-bit PNG/TIFF; ``heif_depth``), grayscale as
   grayscale (Rec. 601 luma, the weights Pillow and JPEG use).
 * Paths are opened with ``O_NOFOLLOW | O_NONBLOCK`` and must be regular files (the inbox is
   untrusted); every PIL/OpenCV error or warning is translated into one of enhancer.errors'
@@ -28,10 +31,11 @@ Decisions (see the module's tests): palette images are written as RGB(A) (no re-
 CMYK with an ICC profile is converted to sRGB and the output carries lcms' built-in sRGB
 profile, CMYK without one is converted naively and written without a profile; a still GIF is
 read and written as PNG; a JPEG that Pillow opens as MPO (phones embed a second picture) is read
-as a JPEG, first picture only; HEIF with several top-level images: the primary one (pillow-heif
-decodes 10-bit HEIC to 8 bits). Alpha into JPEG (output_format: jpeg) is composited over white.
-16-bit RGB(A) TIFF is written by tifffile (deflate, ICC and dpi; EXIF is added by exiv2 for a
-single page); 16-bit gray+alpha becomes 16-bit RGBA (Pillow has no LA;16). PNG orientation
+as a JPEG, first picture only; HEIF with several top-level images: the primary one. Alpha into
+JPEG (output_format: jpeg) is composited over white. 16-bit RGB(A) TIFF is written by tifffile
+(deflate, ICC and dpi on every page; EXIF is added by exiv2 for a single page, by
+metadata.apply into every page's IFD for several); 16-bit gray+alpha becomes 16-bit RGBA
+(Pillow has no LA;16). PNG orientation
 comes only from an eXIf chunk before IDAT (decoding the image to look behind it would break
 "header only"; browsers do the same). JPEG: quality as configured, 4:4:4 chroma at quality >= 90
 (4:2:0 below), dpi and progressive kept. WebP: lossless if the source was (a VP8L chunk), else
@@ -78,7 +82,7 @@ _CONFIGURED = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", 
 _TIFF_COMPRESSIONS = {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"}
 _ORIENTATION, _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x0112, 0x8769, 0xA002, 0xA003
 # Descriptive IFD0 tags carried from a TIFF source (its IFD0 also holds strip offsets etc.).
-_TIFF_EXIF_KEEP = (270, 271, 272, 305, 306, 315, 33432, 0x8769, 0x8825)
+_TIFF_EXIF_KEEP = metadata.PAGE_TAGS + (0x8769, 0x8825)
 _LUMA = (0.299, 0.587, 0.114)       # Rec. 601, as Pillow's convert("L") and JPEG
 _CHUNK_ROWS = 512                   # rows per block when quantising (bounds temporaries)
 
@@ -589,6 +593,43 @@ def _cv2_pages(name: str, fmt: str, data: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _heif_bits(im: Image.Image) -> int:
+    try:
+        return int(im.info.get("bit_depth") or 8)
+    except (TypeError, ValueError):
+        return 8
+
+
+def _heif_deep_page(data: bytes, name: str, bits: int, limits: Limits) -> tuple[Page, dict]:
+    """A 10/12-bit HEIF's primary image with all its bits (pillow-heif's Pillow plugin would
+    reduce it to 8). libheif hands the samples over shifted into 16 bits (v << (16 - bits)); they
+    are scaled to [0, 1] on the source's own scale, so that white stays 1.0 and writing them
+    back with the same depth gives the same code values. Monochrome HEIF stays gray."""
+    from pillow_heif import open_heif
+
+    heif = open_heif(data, convert_hdr_to_8bit=False)
+    w, h = heif.size
+    _check_pixels(name, w, h, limits)
+    mode = heif.mode
+    if mode not in ("RGB;16", "RGBA;16", "I;16", "L;16", "LA;16"):
+        raise UnsupportedError(f"{name}: {bits}-bit HEIF pixel mode {mode} is not supported")
+    a = np.asarray(heif)
+    if a.dtype != np.uint16:
+        raise UndecodableError(f"{name}: {bits}-bit HEIF decoded as {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    shift, top = 16 - bits, float((1 << bits) - 1)
+    out = np.empty(a.shape, np.float32)
+    for y in range(0, a.shape[0], _CHUNK_ROWS):
+        blk = a[y:y + _CHUNK_ROWS] >> shift
+        np.multiply(blk, np.float32(1 / top), out=out[y:y + _CHUNK_ROWS], casting="unsafe")
+    gray = a.shape[2] in (1, 2)
+    alpha = a.shape[2] in (2, 4)
+    rgb = np.repeat(out[..., :1], 3, axis=2) if gray else out[..., :3]
+    page = Page(rgb=np.ascontiguousarray(rgb), alpha=out[..., -1] if alpha else None)
+    return page, {"gray": gray, "alpha": alpha, "bits": 16, "palette": False, "cmyk": False}
+
+
 def _webp_lossless(data: bytes) -> bool:
     """A VP8L chunk (and no lossy VP8 one) means the WebP was lossless."""
     pos, found, size = 12, set(), len(data)
@@ -667,6 +708,7 @@ def decode(source: Source, limits: Limits, *, name: str | None = None,
                     im.seek(i)
                     # the walk of the IFDs said so; Pillow's own reading must agree
                     _check_pixels(name, *im.size, limits, what=f" page {i + 1}")
+                    metadata.read_page(blocks, i, getattr(im, "tag_v2", None), notes)
                 tick()
                 orientations.append(_orientation(im, fmt))
                 sixteen.append(_is_16bit_color(im, fmt))
@@ -684,6 +726,11 @@ def decode(source: Source, limits: Limits, *, name: str | None = None,
                     metas.append({"gray": gray, "alpha": alpha, "palette": False, "cmyk": False,
                                   "bits": 16 if a.dtype == np.uint16 else 8})
                     tick()
+            elif fmt == "HEIF" and _heif_bits(im) > 8:
+                page, meta = _heif_deep_page(data, name, _heif_bits(im), limits)
+                pages.append(page)
+                metas.append(meta)
+                tick()
             else:
                 done = 0
                 for i in range(info.pages):
@@ -879,8 +926,8 @@ def _trim_exif(exif: bytes, limit: int, fmt: str, notes: list[dict]) -> bytes | 
     return None
 
 
-def _fit_metadata(fmt: str, bits16: bool, exif: bytes | None, icc: bytes | None,
-                  notes: list[dict], pages: int = 1) -> tuple[bytes | None, bytes | None]:
+def _fit_metadata(fmt: str, exif: bytes | None, icc: bytes | None,
+                  notes: list[dict]) -> tuple[bytes | None, bytes | None]:
     """EXIF and ICC as the output format can hold them; a note for each change."""
     if fmt == "JPEG":
         if exif and len(exif) > JPEG_EXIF_MAX:
@@ -901,30 +948,7 @@ def _fit_metadata(fmt: str, bits16: bool, exif: bytes | None, icc: bytes | None,
                 notes.append({"block": block, "action": "dropped",
                               "reason": "BMP output holds no such block"})
         exif = icc = None
-    elif fmt == "TIFF" and bits16 and exif and pages > 1:
-        notes.append({"block": "exif", "action": "dropped",
-                      "reason": "multi-page 16-bit colour TIFF is written by tifffile, which "
-                                "cannot write an EXIF directory (exiv2 would keep page 1 only)"})
-        exif = None
     return exif, icc
-
-
-def _ifd0_only(exif: bytes, notes: list[dict]) -> bytes | None:
-    """EXIF for a multi-page TIFF written by Pillow: IFD0's own tags (libtiff cannot write the
-    EXIF and GPS sub-IFDs there, and exiv2 would keep page 1 only)."""
-    try:
-        ex = _parse_exif(exif)
-        lost = [name for tag, name in ((_EXIF_IFD, "EXIF"), (0x8825, "GPS")) if tag in ex]
-        for tag in (_EXIF_IFD, 0x8825):
-            ex.pop(tag, None)
-        if lost:
-            notes.append({"block": "exif", "action": "trimmed",
-                          "reason": f"multi-page TIFF keeps IFD0's tags; the {' and '.join(lost)} "
-                                    "sub-IFDs cannot be written there"})
-        return ex.tobytes() if len(ex) else None
-    except (ValueError, TypeError, SyntaxError, struct.error, OSError, KeyError, IndexError) as exc:
-        notes.append({"block": "exif", "action": "dropped", "reason": f"unreadable: {exc}"[:200]})
-        return None
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -947,9 +971,9 @@ def _png_with_metadata(png: bytes, icc: bytes | None, exif: bytes | None,
 
 
 def _encode_16bit_color(arrays: list[np.ndarray], fmt: str, exif: bytes | None,
-                        icc: bytes | None, dpi: tuple[float, float] | None,
-                        xmp: bytes | None = None) -> bytes:
-    """16-bit colour pixels (+ ICC, EXIF in PNG, dpi; XMP in a multi-page TIFF's first IFD)."""
+                        icc: bytes | None, dpi: tuple[float, float] | None) -> bytes:
+    """16-bit colour pixels (+ ICC on every page, EXIF in PNG, dpi). TIFF: no tags of tifffile's
+    own (no JSON description, no Software); EXIF, XMP and IPTC are metadata.apply's."""
     bgr = [a[..., [2, 1, 0, 3]] if a.shape[2] == 4 else a[..., ::-1] for a in arrays]
     if fmt == "PNG":
         ok, buf = cv2.imencode(".png", bgr[0], [cv2.IMWRITE_PNG_COMPRESSION, 6])
@@ -962,13 +986,11 @@ def _encode_16bit_color(arrays: list[np.ndarray], fmt: str, exif: bytes | None,
     with tifffile.TiffWriter(out) as tw:
         for i, a in enumerate(arrays):
             kwargs: dict = {}
-            if i == 0 and icc:
+            if icc:
                 kwargs["iccprofile"] = icc
-            if i == 0 and xmp and len(arrays) > 1:
-                kwargs["extratags"] = [(700, "B", len(xmp), xmp, True)]
             if dpi:
                 kwargs.update(resolution=dpi, resolutionunit="INCH")
-            tw.write(a, photometric="rgb", compression="zlib", software=False,
+            tw.write(a, photometric="rgb", compression="zlib", software=False, metadata=None,
                      extrasamples=("unassalpha",) if a.shape[2] == 4 else None, **kwargs)
     return out.getvalue()
 
@@ -996,7 +1018,7 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
         pages = pages[:1]
     if fmt == "JPEG" or (fmt == "BMP" and src.gray):    # no alpha there (BMP: no LA)
         pages = [_flatten_on_white(p) for p in pages]
-    bits = 16 if src.bits == 16 and fmt in ("PNG", "TIFF") else 8
+    bits = 16 if src.bits == 16 and fmt in ("PNG", "TIFF", "HEIF") else 8
     gray = src.gray and fmt in ("JPEG", "PNG", "TIFF", "BMP")
     h, w = pages[0].rgb.shape[:2]
     if fmt in MAX_SIDE and max(w, h) > MAX_SIDE[fmt]:
@@ -1006,31 +1028,58 @@ def encode(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int = 95,
     plan = metadata.plan(fmt, exif=src.exif, blocks=src.meta, size=(w, h), scale=scale,
                          dpi=src.extra.get("dpi"), pages=len(pages), provenance=provenance,
                          notes=notes)
+    _bit_depth_note(src, fmt, bits, notes)
     data = _encode_pixels(src, pages, fmt, jpeg_quality, gray, bits, plan, notes)
     return metadata.apply(data, plan, len(pages), notes)
 
 
+def _bit_depth_note(src: Decoded, fmt: str, bits: int, notes: list[dict]) -> None:
+    """The sidecar's word on a deep source's bit depth (8-bit sources get none)."""
+    if src.bits != 16:
+        return
+    own = src.meta.heif_bits if src.meta is not None and src.meta.format == "HEIF" else None
+    was = f"{own}-bit HEIF" if own else f"16-bit {src.info.format}"
+    if bits == 8:
+        notes.append({"block": "bit_depth", "action": "converted",
+                      "reason": f"{was} reduced to 8 bits: {fmt} output holds 8 bits per sample"})
+    elif fmt == "HEIF":
+        depth = heif_depth(src)
+        if own == depth:
+            notes.append({"block": "bit_depth", "action": "kept",
+                          "reason": f"{was} written with {depth} bits"})
+        else:
+            notes.append({"block": "bit_depth", "action": "converted",
+                          "reason": f"{was} written as {depth}-bit HEIF (the most the HEVC "
+                                    "encoder writes)"})
+    elif own:
+        notes.append({"block": "bit_depth", "action": "kept",
+                      "reason": f"{was} written as 16-bit {fmt} (every sample value kept)"})
+    else:
+        notes.append({"block": "bit_depth", "action": "kept", "reason": f"16-bit {fmt}"})
+
+
 def _encode_pixels(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int, gray: bool,
                    bits: int, plan: metadata.Plan, notes: list[dict]) -> bytes:
-    """The pixels, with what the encoders write themselves: EXIF, ICC, dpi (HEIF: XMP and nclx;
-    multi-page TIFF: XMP in IFD0). Everything else is metadata.apply's."""
+    """The pixels, with what the encoders write themselves: EXIF, ICC, dpi (HEIF: XMP and nclx).
+    Everything else is metadata.apply's; TIFF EXIF too (exiv2 for one page, every page's IFD
+    for several)."""
     dpi = plan.dpi
     arrays = [_page_array(p, gray, p.alpha is not None, bits) for p in pages]
     bits16_color = bits == 16 and (not gray or any(a.ndim == 3 for a in arrays))
-    exif, icc = _fit_metadata(fmt, bits16_color, plan.exif, src.icc, notes, len(pages))
-    if fmt == "TIFF" and exif:
-        if len(pages) == 1:     # neither tifffile nor Pillow+libtiff write EXIF sub-IFDs: exiv2 does
-            plan.exif_after, exif = exif, None
-        else:
-            exif = _ifd0_only(exif, notes)
-    multi_xmp = plan.xmp if fmt == "TIFF" and len(pages) > 1 else None
+    exif, icc = _fit_metadata(fmt, plan.exif, src.icc, notes)
+    if fmt == "TIFF" and exif:  # neither tifffile nor Pillow+libtiff write EXIF sub-IFDs
+        if len(pages) == 1:
+            plan.exif_after = exif  # exiv2 writes it
+        exif = None                 # several pages: metadata.apply writes it into every page
+    if fmt == "HEIF" and bits == 16:
+        return _encode_heif_deep(arrays, heif_depth(src), jpeg_quality, exif, icc, plan, notes)
     if bits == 16 and not gray:
-        return _encode_16bit_color(arrays, fmt, exif, icc, dpi, multi_xmp)
+        return _encode_16bit_color(arrays, fmt, exif, icc, dpi)
     if bits16_color:
         # 16-bit gray + alpha: Pillow has no LA;16 → 16-bit RGBA (the only lossless choice)
         arrays = [np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
                   if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
-        return _encode_16bit_color(arrays, fmt, exif, icc, dpi, multi_xmp)
+        return _encode_16bit_color(arrays, fmt, exif, icc, dpi)
 
     images = [_to_pil(a) for a in arrays]
     kwargs: dict = {}
@@ -1055,17 +1104,10 @@ def _encode_pixels(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int,
         kwargs["compression"] = comp if comp in _TIFF_COMPRESSIONS else "tiff_adobe_deflate"
         if len(images) > 1:
             kwargs.update(save_all=True, append_images=images[1:])
-            if multi_xmp:
-                kwargs["tiffinfo"] = {700: multi_xmp}
     elif fmt == "HEIF":
         _register_heif()
         kwargs.update(quality=int(jpeg_quality))
-        if plan.xmp:
-            kwargs["xmp"] = plan.xmp
-        if plan.nclx:
-            kwargs.update({k: plan.nclx[k] for k in ("color_primaries", "transfer_characteristics",
-                                                      "matrix_coefficients", "full_range_flag")
-                           if k in plan.nclx})
+        kwargs.update({k: v for k, v in _heif_kwargs(plan, None, None).items()})
     try:
         return _save(images[0], fmt, kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -1080,6 +1122,66 @@ def _encode_pixels(src: Decoded, pages: list[Page], fmt: str, jpeg_quality: int,
             return _save(images[0], fmt, kwargs)
         except (OSError, ValueError, KeyError) as exc2:
             raise ValueError(f"encoding {fmt} failed: {exc2}") from exc2
+
+
+def heif_depth(src: Decoded) -> int:
+    """Bits per sample of a HEIF written from ``src``: a 10/12-bit HEIF's own depth, 12 for other
+    16-bit sources (the most libheif's HEVC encoder writes), else 8."""
+    if src.bits != 16:
+        return 8
+    own = src.meta.heif_bits if src.meta is not None else None
+    return own if own in (10, 12) else 12
+
+
+def _heif_kwargs(plan: metadata.Plan, exif: bytes | None, icc: bytes | None) -> dict:
+    kwargs: dict = {}
+    if exif:
+        kwargs["exif"] = exif
+    if icc:
+        kwargs["icc_profile"] = icc
+    if plan.xmp:
+        kwargs["xmp"] = plan.xmp
+    if plan.nclx:
+        kwargs.update({k: plan.nclx[k] for k in ("color_primaries", "transfer_characteristics",
+                                                  "matrix_coefficients", "full_range_flag")
+                       if k in plan.nclx})
+    return kwargs
+
+
+_HEIF_BLOBS = {"exif": "exif", "icc_profile": "icc", "xmp": "xmp"}
+
+
+def _encode_heif_deep(arrays: list[np.ndarray], depth: int, quality: int, exif: bytes | None,
+                      icc: bytes | None, plan: metadata.Plan, notes: list[dict]) -> bytes:
+    """A 10/12-bit HEIF from 16-bit RGB(A) samples, with EXIF, XMP, ICC and nclx. The samples are
+    rounded to ``depth`` bits here and handed over as v << (16 - depth): pillow-heif drops the low
+    bits (v >> (16 - depth)), so the result holds exactly the rounded values."""
+    from pillow_heif import from_bytes
+
+    a = arrays[0]
+    shift, top = 16 - depth, (1 << depth) - 1
+    q = np.empty(a.shape, np.uint16)
+    for y in range(0, a.shape[0], _CHUNK_ROWS):
+        blk = a[y:y + _CHUNK_ROWS].astype(np.uint32) * top
+        blk += 32767
+        blk //= 65535
+        q[y:y + _CHUNK_ROWS] = blk << shift
+    mode = "RGBA;16" if a.shape[2] == 4 else "RGB;16"
+    kwargs = _heif_kwargs(plan, exif, icc)
+    heif = from_bytes(mode=mode, size=(a.shape[1], a.shape[0]), data=q.tobytes())
+    for attempt in (kwargs, {k: v for k, v in kwargs.items() if k not in _HEIF_BLOBS}):
+        out = io.BytesIO()
+        try:
+            heif.save(out, quality=int(quality), bit_depth=depth, **attempt)
+            return out.getvalue()
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            held = [k for k in _HEIF_BLOBS if k in attempt]
+            if not held:
+                raise ValueError(f"encoding a {depth}-bit HEIF failed: {exc}") from exc
+            for k in held:              # an encoder limit not known above: without metadata
+                notes.append({"block": _HEIF_BLOBS[k], "action": "dropped",
+                              "reason": f"the HEIF encoder refused it: {exc}"[:200]})
+    raise AssertionError("unreachable")
 
 
 def _save(im: Image.Image, fmt: str, kwargs: dict) -> bytes:

@@ -10,6 +10,9 @@ Blocks and what happens to them (README "Metadata" has the table per format):
   unenhanced picture.
 * ``xmp`` — kept, merged through exiv2's XMP toolkit: tiff:Orientation, the pixel sizes and
   mwg-rs:AppliedToDimensions follow the new pixels (face regions are relative, so they stay valid).
+* multi-page TIFF — every page's IFD gets the EXIF (IFD0 tags + EXIF/GPS sub-IFDs), XMP and
+  IPTC-IIM (``apply`` → ``_tiff_every_page``; the pixel writer puts the ICC profile on every
+  page); a later page keeps its own descriptive tags (``PAGE_TAGS``: PageName, PageNumber, …).
 * ``iptc`` (IPTC-IIM) — kept where the target holds it (JPEG APP13, TIFF, PNG raw profile);
   converted to XMP (exiv2's standard IIM → XMP mapping, XMP values win) where it cannot (WebP, HEIF).
 * ``icc`` — kept byte-identical (imageio). ``nclx`` (HEIF colour information) — kept in HEIF,
@@ -17,6 +20,8 @@ Blocks and what happens to them (README "Metadata" has the table per format):
   unchanged (a 6×4 in scan stays 6×4 in). ``png_text`` — PNG text chunks copied verbatim into a
   PNG; into other formats Title/Author/Description/Copyright become dc:title/creator/description/
   rights in XMP. ``jpeg_comment`` — kept in JPEG, a tEXt "Comment" in PNG, dropped elsewhere.
+* ``bit_depth`` — noted by imageio.encode for a deeper-than-8-bit source: kept (16-bit PNG/TIFF;
+  a 10/12-bit HEIF as HEIF at its own depth, or as 16-bit PNG/TIFF) or converted (to 8 bits).
 * ``provenance`` (``enhance.provenance``, default on) — EXIF Software, an xmpMM:History entry
   (when, software, parameters), Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia's
   "composite" term, xmpMM:DerivedFrom naming the original (its DocumentID, else its sha256),
@@ -43,7 +48,7 @@ log = structlog.get_logger(__name__)
 
 DIGITAL_SOURCE_TYPE = ("http://cv.iptc.org/newscodes/digitalsourcetype/"
                        "compositeWithTrainedAlgorithmicMedia")
-# Formats exiv2 writes into in place; multi-page TIFF is not among them (exiv2 keeps page 1 only).
+# Formats exiv2 writes into in place; multi-page TIFF is not among them (exiv2 writes IFD0 only).
 _EXIV2_WRITES = ("JPEG", "PNG", "WEBP", "TIFF")
 _HOLDS_IIM = ("JPEG", "TIFF", "PNG")
 _HOLDS_XMP = ("JPEG", "PNG", "WEBP", "TIFF", "HEIF")
@@ -51,6 +56,11 @@ _HOLDS_EXIF = ("JPEG", "PNG", "WEBP", "TIFF", "HEIF")
 _ORIENTATION, _EXIF_IFD, _SOFTWARE, _XRES, _YRES = 0x0112, 0x8769, 0x0131, 0x011A, 0x011B
 _PIXEL_X, _PIXEL_Y, _GPS_IFD, _MAKERNOTE = 0xA002, 0xA003, 0x8825, 0x927C
 _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+# A TIFF page's own descriptive tags, kept page by page in a multi-page result: DocumentName,
+# ImageDescription, Make, Model, PageName, PageNumber, Software, DateTime, Artist, HostComputer,
+# Copyright. The blocks every page of the result carries as the first page has them:
+PAGE_TAGS = (269, 270, 271, 272, 285, 297, 305, 306, 315, 316, 33432)
+_PAGE_BLOCKS = {700: "xmp", 33723: "iptc", 34675: "icc"}
 # PNG keywords that are other blocks in disguise (read by exiv2/ImageMagick as EXIF/IPTC/XMP).
 _PNG_SKIP = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1",
              b"Raw profile type iptc", b"Raw profile type xmp", b"Raw profile type icc",
@@ -81,6 +91,12 @@ class Blocks:
     png_text: list[tuple[bytes, bytes]] = field(default_factory=list)   # (chunk type, data)
     nclx: dict | None = None
     heif_bits: int | None = None
+    # multi-page TIFF: each later page's own descriptive tags (index 0, the first page: {} — its
+    # tags travel in the EXIF block), the first page's raw XMP/IPTC/ICC tags, and the blocks a
+    # later page holds a different version of ({block: [page numbers]})
+    page_tags: list[dict] = field(default_factory=list)
+    first_page: dict = field(default_factory=dict, repr=False)
+    page_differs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +113,8 @@ class Plan:
     png_text: list[tuple[bytes, bytes]] = field(default_factory=list)
     nclx: dict | None = None
     exif_after: bytes | None = None    # EXIF the pixel encoder could not write (16-bit TIFF)
+    page_tags: list[dict] = field(default_factory=list)   # multi-page TIFF: per page, see Blocks
+    software: str | None = None        # the stamp: wins over a later page's own Software tag
 
 
 @functools.cache
@@ -169,6 +187,8 @@ def read(data: bytes, fmt: str, info: dict, tiff_tags=None, notes: list[dict] | 
     elif fmt == "TIFF" and tiff_tags is not None and 700 in tiff_tags:
         raw = tiff_tags[700]
         b.xmp = bytes(raw) if isinstance(raw, (bytes, bytearray)) else str(raw).encode()
+    if fmt == "TIFF" and tiff_tags is not None:
+        b.first_page = {t: tiff_tags.get(t) for t in _PAGE_BLOCKS}
     else:
         raw = info.get("xmp")
         b.xmp = raw.encode() if isinstance(raw, str) else raw or None
@@ -192,6 +212,34 @@ def read(data: bytes, fmt: str, info: dict, tiff_tags=None, notes: list[dict] | 
     if b.xmp is not None:
         b.xmp = b.xmp.rstrip(b"\x00") or None
     return b
+
+
+def read_page(b: Blocks, index: int, tags, notes: list[dict] | None = None) -> None:
+    """Page ``index`` (1 = the second page) of a multi-page TIFF, given its IFD's tags (PIL's
+    ``tag_v2`` after seeking): its own descriptive tags (DocumentName, PageName, PageNumber, …)
+    go to ``b.page_tags[index]``; an XMP packet, IPTC-IIM block or ICC profile that differs from
+    the first page's is recorded in ``b.page_differs`` (the result carries the first page's on
+    every page; ``plan`` says so)."""
+    if tags is None or index < 1:
+        return
+    while len(b.page_tags) <= index:
+        b.page_tags.append({})
+    own = {}
+    try:
+        for tag in PAGE_TAGS:
+            value = tags.get(tag)
+            if isinstance(value, str) or (isinstance(value, int) and 0 <= value < 1 << 16) or (
+                    isinstance(value, tuple) and 0 < len(value) <= 2
+                    and all(isinstance(v, int) and 0 <= v < 1 << 16 for v in value)):
+                own[tag] = value
+        for tag, block in _PAGE_BLOCKS.items():
+            value = tags.get(tag)
+            if value is not None and value != b.first_page.get(tag):
+                b.page_differs.setdefault(block, []).append(index + 1)
+    except (ValueError, TypeError, KeyError, struct.error) as exc:    # a tag PIL cannot parse
+        _note(notes if notes is not None else [], "exif", "trimmed",
+              f"page {index + 1}'s own tags are unreadable: {exc}")
+    b.page_tags[index] = own
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -340,6 +388,7 @@ def plan(fmt: str, *, exif: bytes | None, blocks: Blocks | None, size: tuple[int
     blocks = blocks or Blocks()
     p = Plan(fmt=fmt)
     software = provenance.software if provenance else None
+    first_note = len(notes)
     # EXIF (+ gps, makernote, thumbnail)
     if fmt in _HOLDS_EXIF and (exif or software):
         base = exif or Image.Exif().tobytes()
@@ -358,15 +407,14 @@ def plan(fmt: str, *, exif: bytes | None, blocks: Blocks | None, size: tuple[int
     # IPTC-IIM, PNG text, comment → XMP where the target cannot hold them
     extra: dict = {}
     if blocks.iptc:
-        if fmt in _HOLDS_IIM and not (fmt == "TIFF" and pages > 1):
+        if fmt in _HOLDS_IIM:
             p.iptc = dict(blocks.iptc)
             _note(notes, "iptc", "kept")
         elif fmt in _HOLDS_XMP:
             try:
                 extra.update(_exiv2().convert_iptc_to_xmp(dict(blocks.iptc)))
-                why = "multi-page TIFF is written without exiv2" if fmt == "TIFF" else \
-                    f"{fmt} cannot hold IPTC-IIM"
-                _note(notes, "iptc", "converted", f"{why}; IIM → XMP (IPTC Core mapping)", to="xmp")
+                _note(notes, "iptc", "converted", f"{fmt} cannot hold IPTC-IIM; IIM → XMP (IPTC "
+                      "Core mapping)", to="xmp")
             except (RuntimeError, ValueError) as exc:
                 _note(notes, "iptc", "dropped", f"could not be converted to XMP: {exc}")
         else:
@@ -433,10 +481,26 @@ def plan(fmt: str, *, exif: bytes | None, blocks: Blocks | None, size: tuple[int
             _note(notes, "provenance", "added", ", ".join(where))
         else:
             _note(notes, "provenance", "dropped", f"{fmt} holds no EXIF or XMP")
-    if blocks.heif_bits and blocks.heif_bits > 8:
-        _note(notes, "bit_depth", "converted", f"{blocks.heif_bits}-bit HEIF is decoded to 8 bits "
-              "(pillow-heif's Pillow plugin) and written with 8 bits")
+    if fmt == "TIFF" and pages > 1:
+        _plan_pages(p, blocks, pages, software, notes, first_note)
     return p
+
+
+def _plan_pages(p: Plan, blocks: Blocks, pages: int, software: str | None, notes: list[dict],
+                first_note: int) -> None:
+    """Multi-page TIFF: EXIF (with its sub-IFDs), XMP, IPTC-IIM and the ICC profile go into every
+    page's IFD (``apply``); each later page keeps its own descriptive tags. Where a later page
+    had its own, different XMP/IPTC/ICC, that page now carries the first page's: a note says so."""
+    p.page_tags = [dict(t) for t in blocks.page_tags[:pages]]
+    p.software = software
+    for n in notes[first_note:]:
+        if n.get("block") in ("exif", "xmp", "iptc", "gps", "makernote") and n.get("action") == "kept":
+            n["reason"] = (n.get("reason", "") + "; " if n.get("reason") else "") + \
+                f"on every page ({pages} pages)"
+    for block, where in sorted(blocks.page_differs.items()):
+        listed = ", ".join(map(str, where[:10])) + (" …" if len(where) > 10 else "")
+        _note(notes, block, "trimmed", f"page(s) {listed} had their own {block}, different from "
+              f"page 1's; every page of the result carries page 1's")
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -459,10 +523,10 @@ def apply(data: bytes, p: Plan, pages: int, notes: list[dict]) -> bytes:
     writer refuses is dropped with a note; the pixels are never lost for metadata."""
     if p.fmt == "PNG" and p.png_text:
         data = _png_insert(data, p.png_text)
+    if p.fmt == "TIFF" and pages > 1:
+        return _tiff_every_page(data, p, pages, notes)
     if p.fmt not in _EXIV2_WRITES or not (p.xmp or p.iptc or p.comment or p.exif_after):
         return data
-    if p.fmt == "TIFF" and pages > 1:
-        return data                      # XMP went into IFD0 through the pixel encoder
     e = _exiv2()
     try:
         img = e.ImageData(data)
@@ -489,6 +553,167 @@ def apply(data: bytes, p: Plan, pages: int, notes: list[dict]) -> bytes:
         return img.get_bytes()
     finally:
         img.close()
+
+
+# --------------------------------------------------------------------------- multi-page TIFF
+# exiv2 writes the first IFD of a TIFF only, and neither libtiff (through Pillow) nor tifffile
+# writes EXIF/GPS sub-IFDs: so each page's IFD gets the metadata here. Pillow serialises the
+# tags (EXIF IFD0 tags + the EXIF/GPS/Interop sub-IFDs + XMP + IPTC) as one IFD placed at the end
+# of the file; its entries are merged into the page's own IFD, rewritten after it; the pointer
+# to the page is moved to the new IFD. Pixel data and the pixel writer's tags stay where they
+# are (the old IFD becomes unused bytes).
+
+# Tags that describe a page's pixels and their storage: always the pixel writer's.
+_TIFF_PIXEL_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 264, 265, 266, 273, 277,
+                              278, 279, 280, 281, 284, 286, 287, 290, 291, 292, 293, 301, 317,
+                              318, 319, 320, 321, 322, 323, 324, 325, 330, 332, 338, 339, 340,
+                              341, 347, 513, 514, 515, 529, 530, 531, 532, 559, 34675})
+_TIFF_PAGE_WINS = frozenset({282, 283, 296})      # resolution: the page's (scaled dpi) if it has one
+_TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TIFF_MAX_ENTRIES = 4096
+_TIFF_EVERY_PAGE_MAX = 64 << 20   # metadata copies over all pages; beyond: page 1 only (a note)
+
+
+def _tiff_ifd(data: bytes | bytearray, e: str, off: int) -> tuple[dict[int, bytes], int]:
+    """{tag: 12-byte entry} of the classic-TIFF IFD at ``off``, and the next IFD's offset."""
+    count = struct.unpack_from(e + "H", data, off)[0]
+    if not 0 < count <= _TIFF_MAX_ENTRIES or off + 6 + 12 * count > len(data):
+        raise ValueError(f"IFD at {off} has {count} entries")
+    entries = {}
+    for i in range(count):
+        raw = bytes(data[off + 2 + 12 * i:off + 14 + 12 * i])
+        entries[struct.unpack_from(e + "H", raw)[0]] = raw
+    return entries, struct.unpack_from(e + "I", data, off + 2 + 12 * count)[0]
+
+
+def _entry_bytes(data: bytes | bytearray, e: str, entry: bytes) -> bytes:
+    """The value bytes of one IFD entry (inline when they fit in 4 bytes)."""
+    _tag, typ, count = struct.unpack_from(e + "HHI", entry)
+    size = _TIFF_TYPE_SIZE.get(typ, 1) * count
+    if size <= 4:
+        return entry[8:8 + size]
+    at = struct.unpack_from(e + "I", entry, 8)[0]
+    if at + size > len(data):
+        raise ValueError("entry value beyond the end of the file")
+    return bytes(data[at:at + size])
+
+
+def _entry_int(data: bytes | bytearray, e: str, entry: bytes | None) -> int | None:
+    if entry is None:
+        return None
+    typ = struct.unpack_from(e + "H", entry, 2)[0]
+    value = _entry_bytes(data, e, entry)
+    return struct.unpack_from(e + ("H" if typ == 3 else "I"), value)[0] if typ in (3, 4) else None
+
+
+def _iim_bytes(iptc: dict) -> bytes:
+    """IPTC-IIM datasets as a TIFF holds them (tag 33723), encoded by exiv2 (into a scratch
+    1×1 TIFF, from which the tag's bytes are taken)."""
+    import io
+    scratch = io.BytesIO()
+    Image.new("L", (1, 1)).save(scratch, "TIFF")
+    img = _exiv2().ImageData(scratch.getvalue())
+    try:
+        img.modify_iptc(dict(iptc))
+        data = img.get_bytes()
+    finally:
+        img.close()
+    e = "<" if data[:2] == b"II" else ">"
+    entries, _ = _tiff_ifd(data, e, struct.unpack_from(e + "I", data, 4)[0])
+    if 33723 not in entries:
+        raise RuntimeError("exiv2 wrote no IPTC-IIM")
+    return _entry_bytes(data, e, entries[33723])
+
+
+def _page_exif(p: Plan, index: int, size: tuple[int | None, int | None], e: str,
+               iim: bytes | None) -> Image.Exif:
+    """Everything one page's IFD gets: the EXIF (IFD0 tags and sub-IFDs; the page's own
+    descriptive tags win on a later page, the stamp's Software wins over them), XMP, IPTC-IIM."""
+    ex = Image.Exif()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if p.exif:
+            ex.load(p.exif)
+        sub = ex.get_ifd(_EXIF_IFD)
+        ex.get_ifd(_GPS_IFD)
+    own = p.page_tags[index] if index < len(p.page_tags) else {}
+    for tag, value in own.items():
+        if not (tag == _SOFTWARE and p.software):
+            ex[tag] = value
+    if sub and _PIXEL_X in sub and size[0] and size[1]:
+        sub[_PIXEL_X], sub[_PIXEL_Y] = size
+    if p.xmp:
+        ex[700] = p.xmp
+    if iim:
+        ex[33723] = iim
+    ex.endian = e
+    return ex
+
+
+def _tiff_every_page(data: bytes, p: Plan, pages: int, notes: list[dict]) -> bytes:
+    """EXIF, XMP and IPTC-IIM into every page's IFD of a multi-page TIFF (see above)."""
+    if not (p.exif or p.xmp or p.iptc or any(p.page_tags)):
+        return data
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        for block in ("exif", "xmp", "iptc"):
+            if getattr(p, block):
+                _note(notes, block, "dropped", "the result is not a classic TIFF (BigTIFF?)")
+        return data
+    iim = None
+    if p.iptc:
+        try:
+            iim = _iim_bytes(p.iptc)
+        except (RuntimeError, ValueError, UnicodeError, struct.error) as exc:
+            log.warning("metadata.write_failed", block="iptc", error=str(exc)[:200])
+            _note(notes, "iptc", "dropped", f"exiv2 could not encode it as IIM: {exc}")
+    e = "<" if data[:2] == b"II" else ">"
+    out = bytearray(data)
+    pointer, off, seen = 4, struct.unpack_from(e + "I", data, 4)[0], set()
+    first_only = None
+    try:
+        for index in range(pages):
+            if index == 1 and (len(out) - len(data)) * pages > _TIFF_EVERY_PAGE_MAX:
+                first_only = Plan(fmt=p.fmt, page_tags=p.page_tags, software=p.software)
+                for block in ("exif", "xmp", "iptc"):
+                    if getattr(p, block):
+                        _note(notes, block, "trimmed", f"on page 1 only: {len(out) - len(data)} "
+                              f"bytes of metadata × {pages} pages would be over "
+                              f"{_TIFF_EVERY_PAGE_MAX >> 20} MiB")
+            if off == 0 or off in seen:
+                raise ValueError(f"the result has fewer than {pages} pages")
+            seen.add(off)
+            own, following = _tiff_ifd(out, e, off)
+            size = (_entry_int(out, e, own.get(256)), _entry_int(out, e, own.get(257)))
+            page_plan = first_only if first_only is not None and index else p
+            ex = _page_exif(page_plan, index, size, e, None if page_plan is first_only else iim)
+            if not len(ex):                     # nothing for this page: its IFD stays as it is
+                pointer = off + 2 + 12 * struct.unpack_from(e + "H", out, off)[0]
+                off = following
+                continue
+            if len(out) & 1:
+                out += b"\x00"
+            at = len(out)
+            out += ex.tobytes(at)[14:]          # without "Exif\0\0" and the 8-byte header
+            added, _ = _tiff_ifd(out, e, at)
+            merged = dict(own)
+            for tag, entry in added.items():
+                if tag in _TIFF_PIXEL_TAGS or (tag in _TIFF_PAGE_WINS and tag in own):
+                    continue
+                merged[tag] = entry
+            if len(out) & 1:
+                out += b"\x00"
+            new = len(out)
+            out += struct.pack(e + "H", len(merged)) + b"".join(merged[t] for t in sorted(merged))
+            out += struct.pack(e + "I", following)
+            struct.pack_into(e + "I", out, pointer, new)
+            pointer, off = new + 2 + 12 * len(merged), following
+    except (ValueError, TypeError, KeyError, struct.error, OSError) as exc:
+        log.warning("metadata.write_failed", block="exif", error=str(exc)[:200])
+        for block in ("exif", "xmp", "iptc"):
+            if getattr(p, block):
+                _note(notes, block, "dropped", f"could not be written into the pages: {exc}")
+        return data
+    return bytes(out)
 
 
 def _copy_exif(exif: bytes, target) -> None:

@@ -3,6 +3,9 @@
 Behaviour is set from the environment so the real daemon, started as a subprocess by
 tests/run_daemon.py, can be steered by a test:
   FAKE_DELAY=0.5          seconds per image (sleeps in small steps, calling progress)
+  FAKE_TILES=8            the image is worked in this many "tiles": after each one the fake calls
+                          progress(tiles_done=i, tiles_total=n), as the real pipeline does; between
+                          them plain progress() (the watchdog ping). 0: no tile reports
   FAKE_OOM=name1,name2    raise OutOfMemoryError for images whose mean grey level... (see below)
   FAKE_WEIGHTS=path       if set, the factory raises WeightsMissingError until this file exists
   FAKE_POISON=1           a pure blue (0, 0, 1) top-left pixel kills the whole process with SIGKILL
@@ -27,8 +30,10 @@ from enhancer.errors import OutOfMemoryError, WeightsMissingError
 
 
 class FakeEnhancer:
-    def __init__(self, delay: float = 0.0, hang: bool = False, poison: bool = False, mark_delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, hang: bool = False, poison: bool = False, mark_delay: float = 0.0,
+                 tiles: int = 8):
         self.delay = delay
+        self.tiles = tiles
         self.poison = poison
         self.mark_delay = mark_delay
         self.calls = 0
@@ -42,11 +47,15 @@ class FakeEnhancer:
         delay = self.delay
         if self.mark_delay and image.shape[0] and np.allclose(image[0, 0], (0.0, 1.0, 0.0), atol=0.02):
             delay = max(delay, self.mark_delay)
-        end = time.monotonic() + delay
-        while time.monotonic() < end:
-            time.sleep(min(0.05, delay))
-            if progress:
-                progress()
+        n = max(self.tiles, 0)
+        for i in range(1, max(n, 1) + 1):           # delay spread evenly over the tiles
+            end = time.monotonic() + delay / max(n, 1)
+            while time.monotonic() < end:
+                time.sleep(min(0.05, delay))
+                if progress:
+                    progress()
+            if progress and n:
+                progress(tiles_done=i, tiles_total=n)
         h, w = image.shape[:2]
         oh, ow = round(h * params.upscale), round(w * params.upscale)
         ys = (np.arange(oh) * h // oh).clip(0, h - 1)
@@ -65,4 +74,5 @@ def factory(settings) -> FakeEnhancer:
         raise WeightsMissingError(f"weights missing: {gate} — run photoenhanced weights fetch", missing=["fake"])
     return FakeEnhancer(delay=float(os.environ.get("FAKE_DELAY", "0")),
                         poison=os.environ.get("FAKE_POISON", "") not in ("", "0"),
-                        mark_delay=float(os.environ.get("FAKE_MARK_DELAY", "0")))
+                        mark_delay=float(os.environ.get("FAKE_MARK_DELAY", "0")),
+                        tiles=int(os.environ.get("FAKE_TILES", "8")))

@@ -242,3 +242,185 @@ def test_a_companion_xmp_gets_the_same_stamp_and_keeps_its_properties(tmp_path):
     assert after["XMP-iptcExt:DigitalSourceType"] == et.DST
     assert after["XMP-xmpMM:History"][-1]["SoftwareAgent"] == "photoenhanced 9.9"
     assert metadata.stamp_xmp_file(b"not xml at all <", _stamp()) == b"not xml at all <"
+
+
+# ------------------------------------------------------------------- 10/12-bit HEIC, multi-page TIFF
+
+def _deep_heic(path: Path, bits: int) -> np.ndarray:
+    """A smooth 48×32 ramp as a `bits`-bit HEIC with phone metadata; returns the code values
+    libheif decodes from it (the reference: HEVC is lossy)."""
+    import pillow_heif
+    y, x = np.mgrid[0:32, 0:48]
+    top = (1 << bits) - 1
+    codes = np.stack([x * top // 47, y * top // 31, (x + y) * top // 78], axis=2).astype(np.uint16)
+    pillow_heif.from_bytes(mode="RGB;16", size=(48, 32), data=(codes << (16 - bits)).tobytes()).save(
+        path, quality=95, bit_depth=bits)
+    et.write(path, "-EXIF:Make=Apple", "-EXIF:Model=iPhone 15 Pro", "-EXIF:GPSLatitude=48.1",
+             "-EXIF:GPSLatitudeRef=N", "-XMP-dc:Subject=dusk", "-XMP-xmp:Rating=5")
+    return np.asarray(pillow_heif.open_heif(path, convert_hdr_to_8bit=False)) >> (16 - bits)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_deep_heic_keeps_its_bits_into_heif_and_16_bit_png(tmp_path, bits):
+    import cv2
+    import pillow_heif
+    et.ensure()
+    src = tmp_path / f"deep{bits}.heic"
+    codes = _deep_heic(src, bits)
+    dec = imageio.decode(src, imageio.Limits())
+    assert dec.bits == 16 and dec.meta.heif_bits == bits
+    top = (1 << bits) - 1
+    assert np.array_equal(np.rint(dec.pages[0].rgb * top).astype(np.uint16), codes)  # every bit in
+    # HEIF → HEIF at the same depth, metadata carried
+    notes = list(dec.notes)
+    out = tmp_path / "out.heic"
+    out.write_bytes(imageio.encode(dec, _twice(dec), "HEIF", 95, notes=notes, provenance=_stamp()))
+    summary = metadata.summary(notes)
+    assert summary["blocks"]["bit_depth"] == {"action": "kept",
+                                              "reason": f"{bits}-bit HEIF written with {bits} bits"}
+    assert _metadata_schema_errors(summary) == []
+    tags = et.read([src, out])
+    before, after = tags[str(src)], tags[str(out)]
+    assert after["QuickTime:BitDepthLuma"] == bits and after["QuickTime:BitDepthChroma"] == bits
+    assert et.unexplained(before, after, summary["blocks"]) == []
+    assert after["IFD0:Model"] == "iPhone 15 Pro" and after["GPS:GPSLatitude"] == pytest.approx(48.1)
+    assert after["XMP-dc:Subject"] == ["dusk"] and after["XMP-xmp:Rating"] == 5
+    _check_stamp(after, "HEIF", 96, 64)
+    back = np.asarray(pillow_heif.open_heif(out, convert_hdr_to_8bit=False)) >> (16 - bits)
+    small = back[::2, ::2].astype(int)
+    assert np.abs(small - codes).mean() < 2 ** (bits - 8) / 2     # finer than one 8-bit step
+    assert np.count_nonzero(small % (1 << (bits - 8))) > small.size // 2   # below-8-bit values
+    # HEIF → PNG: 16 bits, every code value of the source exactly
+    notes = []
+    png = tmp_path / "out.png"
+    png.write_bytes(imageio.encode(dec, dec.pages, "PNG", notes=notes))
+    a = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert a.dtype == np.uint16
+    assert np.array_equal(np.rint(a.astype(np.float64) * top / 65535).astype(np.uint16), codes)
+    assert metadata.summary(notes)["blocks"]["bit_depth"]["action"] == "kept"
+    # HEIF → JPEG: 8 bits, said so
+    notes = []
+    imageio.encode(dec, dec.pages, "JPEG", notes=notes)
+    assert metadata.summary(notes)["blocks"]["bit_depth"] == {
+        "action": "converted", "reason": f"{bits}-bit HEIF reduced to 8 bits: JPEG output holds 8 "
+                                         "bits per sample"}
+
+
+def test_8_bit_heic_stays_8_bit(tmp_path):
+    import pillow_heif
+    from PIL import Image
+    src = tmp_path / "eight.heic"
+    imageio._register_heif()
+    Image.fromarray(et._pixels(40, 24, 7)).save(src, "HEIF", quality=90)
+    dec = imageio.decode(src, imageio.Limits())
+    assert dec.bits == 8
+    notes: list[dict] = []
+    out = imageio.encode(dec, _twice(dec), "HEIF", notes=notes)
+    assert pillow_heif.open_heif(out, convert_hdr_to_8bit=False).info["bit_depth"] == 8
+    assert "bit_depth" not in metadata.summary(notes)["blocks"]
+
+
+def _multipage_tiff(path: Path, bits: int) -> None:
+    """A 3-page scanner TIFF: every page with its own scanner tags, page name/number and ICC
+    profile; page 1 also with EXIF sub-IFD, GPS, XMP and IPTC (written by ExifTool)."""
+    import tifffile
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(bits)
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(3):
+            a = rng.integers(0, (1 << bits) - 1, (20 + 4 * i, 30, 3)).astype(
+                np.uint8 if bits == 8 else np.uint16)
+            tw.write(a, photometric="rgb", compression="zlib", resolution=(400, 400),
+                     resolutionunit="INCH", iccprofile=icc, software=False, metadata=None,
+                     extratags=[(271, "s", 0, "ScanCo", True), (272, "s", 0, "DocScan 5", True),
+                                (305, "s", 0, "ScanSoft 2", True), (285, "s", 0, f"page {i + 1}", True),
+                                (297, "H", 2, (i, 3), True)])
+    et.write(path, "-IFD0:Artist=Archive Dept", "-IFD0:Copyright=City Archive",
+             "-ExifIFD:DateTimeOriginal=1962:07:01 10:00:00", "-GPS:GPSLatitude=53.55",
+             "-GPS:GPSLatitudeRef=N", "-XMP-dc:Subject=harbour", "-XMP-dc:Creator=Archive Dept",
+             "-IPTC:Caption-Abstract=Harbour, 1962", "-IPTC:Keywords=harbour")
+
+
+def _exiftool_counts(path: Path, keys: tuple[str, ...]) -> dict[str, int]:
+    """How often ExifTool finds each Group:Tag (once per page for a per-page block)."""
+    import subprocess
+    r = subprocess.run(["exiftool", "-a", "-G1", "-s", "-n", *(f"-{k}" for k in keys), str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    found = [line.split(":", 1)[0].replace("[", "").replace("]", ":").replace(" ", "")
+             for line in r.stdout.splitlines()]
+    return {k: found.count(k) for k in keys}
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_multi_page_tiff_keeps_every_block_on_every_page(tmp_path, bits):
+    import tifffile
+    et.ensure()
+    src = tmp_path / f"pages{bits}.tif"
+    _multipage_tiff(src, bits)
+    dec = imageio.decode(src, imageio.Limits())
+    assert dec.info.pages == 3 and dec.bits == bits
+    notes = list(dec.notes)
+    out = tmp_path / f"out{bits}.tif"
+    out.write_bytes(imageio.encode(dec, _twice(dec), "TIFF", notes=notes, provenance=_stamp()))
+    summary = metadata.summary(notes)
+    assert _metadata_schema_errors(summary) == []
+    actions = {b: v["action"] for b, v in summary["blocks"].items()}
+    assert {b: actions[b] for b in ("exif", "gps", "xmp", "iptc", "provenance")} == {
+        "exif": "kept", "gps": "kept", "xmp": "kept", "iptc": "kept", "provenance": "added"}
+    assert "on every page (3 pages)" in summary["blocks"]["iptc"]["reason"]
+    # ExifTool: page 1 as the single-page contract says; pages 2 and 3 (IFD1, IFD2) keep their own
+    # tags and carry page 1's Artist/Copyright, the stamp, the IPTC and the ICC profile
+    tags = et.read([src, out])
+    before, after = tags[str(src)], tags[str(out)]
+    later = ("IFD1", "IFD2", "IPTC2", "IPTC3", "ICC_Profile2", "ICC_Profile3", "ICC-header2",
+             "ICC-header3", "ICC-chrm2", "ICC-chrm3")
+    first = {k: v for k, v in before.items() if k.partition(":")[0] not in later}
+    assert et.unexplained(first, {k: v for k, v in after.items() if k.partition(":")[0] not in later},
+                          summary["blocks"]) == []
+    for k in (1, 2):
+        g = f"IFD{k}"
+        assert after[f"{g}:PageName"] == before[f"{g}:PageName"] == f"page {k + 1}"
+        assert after[f"{g}:PageNumber"] == before[f"{g}:PageNumber"]
+        assert after[f"{g}:Make"] == "ScanCo" and after[f"{g}:Model"] == "DocScan 5"
+        assert after[f"{g}:Artist"] == "Archive Dept" and after[f"{g}:Copyright"] == "City Archive"
+        assert after[f"{g}:Software"] == "photoenhanced 9.9"
+        assert after[f"{g}:ImageWidth"] == 60 and after[f"{g}:ImageHeight"] == 2 * (20 + 4 * k)
+        assert after[f"{g}:BitsPerSample"] in (f"{bits} {bits} {bits}", [bits] * 3)
+        assert after[f"IPTC{k + 1}:Caption-Abstract"] == "Harbour, 1962"
+        assert after[f"IPTC{k + 1}:Keywords"] == "harbour"
+        assert after[f"ICC_Profile{k + 1}:ProfileDescription"] == before["ICC_Profile:ProfileDescription"]
+    # one EXIF sub-IFD, GPS sub-IFD and XMP packet per page (ExifTool lists each page's)
+    count = _exiftool_counts(out, ("ExifIFD:DateTimeOriginal", "GPS:GPSLatitude", "XMP-dc:Subject",
+                                   "XMP-iptcExt:DigitalSourceType"))
+    assert count == dict.fromkeys(count, 3), count
+    # tifffile as a second reader: each page's IFD has them, with page 1's values
+    with tifffile.TiffFile(out) as tf:
+        assert len(tf.pages) == 3
+        for i, page in enumerate(tf.pages):
+            t = page.tags
+            assert t["ExifTag"].value["DateTimeOriginal"] == "1962:07:01 10:00:00", i
+            exif_size = (t["ExifTag"].value["PixelXDimension"], t["ExifTag"].value["PixelYDimension"])
+            assert exif_size == (60, 2 * (20 + 4 * i)), i          # each page its own size
+            assert t["GPSTag"].value["GPSLatitudeRef"] == "N", i
+            assert b"harbour" in bytes(t["XMP"].value) and b"compositeWithTrainedAlgorithmicMedia" in bytes(t["XMP"].value)
+            assert bytes(t["InterColorProfile"].value) == dec.icc
+            assert np.array_equal(page.asarray()[::2, ::2], tifffile.imread(src, key=i)), i   # pixels intact
+
+
+def test_a_later_page_with_its_own_xmp_is_named_in_the_sidecar(tmp_path):
+    import tifffile
+    src = tmp_path / "two.tif"
+    with tifffile.TiffWriter(src) as tw:
+        for i in range(2):
+            xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="{i + 1}"/></rdf:RDF></x:xmpmeta>'.encode()
+            tw.write(np.full((8, 8, 3), 100 + i, np.uint8), photometric="rgb", metadata=None,
+                     extratags=[(700, "B", len(xmp), xmp, True)])
+    dec = imageio.decode(src, imageio.Limits())
+    notes = list(dec.notes)
+    imageio.encode(dec, dec.pages, "TIFF", notes=notes)
+    assert metadata.summary(notes)["blocks"]["xmp"] == {
+        "action": "trimmed",
+        "reason": "page(s) 2 had their own xmp, different from page 1's; every page of the result "
+                  "carries page 1's"}

@@ -146,7 +146,8 @@ def test_fit_shortens_within_name_max_keeping_the_extension(tmp_path, reserve):
 def test_fit_keeps_valid_utf8_valid(tmp_path):
     for name in ("é" * 200 + ".jpeg", "😀" * 80 + ".png", "写" * 120 + ".jpg"):
         fitted = raw(fit(name, PUBLISH_RESERVE))
-        fitted.decode("utf-8")                                       # no split sequence
+        text = fitted.decode("utf-8")                                # no split sequence
+        assert len(fitted) + PUBLISH_RESERVE <= 255 and text.endswith(name.rsplit(".", 1)[1])
 
 
 def test_fit_leaves_names_that_fit_alone():

@@ -90,7 +90,7 @@ def test_progress_exceptions_reach_the_caller_unchanged(built):
     class Stop(Exception):
         pass
 
-    def stop():
+    def stop(**info):              # an enhancer may pass tiles_done/tiles_total
         raise Stop()
     with pytest.raises(Stop):
         enh.enhance(_astronaut(32), Params(profile="upscale", upscale=4, tile=0), progress=stop)

@@ -10,12 +10,14 @@ import os
 import stat
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from _web import WebProc
 from conftest import DaemonProc, cli, make_jpeg, wait_for, write_config
 from watcher import web
+from watcher.names import b64
 from watcher.queue import SCHEMA_VERSION, Finished, Queue
 
 HOSTILE = "x\u202e<i>\x07.jpg"          # a bidi override, markup and a control character
@@ -29,7 +31,7 @@ def env(tmp_path_factory):
     make_jpeg(tmp / "inbox" / "two.jpg", size=(40, 30), seed=2)
     make_jpeg(tmp / "inbox" / HOSTILE, size=(20, 20), seed=3)
     (tmp / "inbox" / "bad.jpg").write_bytes(b"this is not a jpeg" * 20)
-    d = DaemonProc(cfg)
+    d = DaemonProc(cfg, env={"FAKE_MARK_DELAY": "6"})     # a green-marked photo is held 6 s, 8 tiles
     w = WebProc(cfg)
     try:
         wait_for(lambda: w.get_json("/api/status")["counts"]["done"] == 3
@@ -56,15 +58,25 @@ def test_token_file_is_created_0600_and_kept(env, tmp_path):
     assert stat.S_IMODE((tmp_path / "st" / "web.token").stat().st_mode) == 0o600
 
 
+def _api_and_cli_status(w: WebProc, cfg) -> tuple[dict, dict]:
+    """/api/status and `status --json` read between two equal /api/status answers (the daemon
+    rewrites its row every 2 s: a pair that straddles a rewrite is read again)."""
+    for _ in range(30):
+        before = w.get_json("/api/status")
+        r = cli(cfg, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        if w.get_json("/api/status") == before:
+            return before, json.loads(r.stdout)
+    raise AssertionError("the status row never held still for one `status --json`")
+
+
 def test_status_api_has_the_shape_of_status_json(env):
     tmp, cfg, d, w = env
-    api = w.get_json("/api/status")
-    r = cli(cfg, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    # `hosts` (the daemons registered in a shared queue) is added by the CLI after control.status
-    assert set(api) | {"hosts"} == set(doc) | {"hosts"} >= {"daemon", "counts", "current", "metrics", "throughput"}
-    assert set(api["daemon"]) == set(doc["daemon"]) >= {"running", "pid", "state", "reason", "paused"}
+    api, doc = _api_and_cli_status(w, cfg)
+    assert api == doc                                         # one document, hosts included
+    assert set(api) >= {"daemon", "counts", "current", "metrics", "throughput", "hosts"}
+    assert api["hosts"] == []                                 # SQLite: one host, no host table
+    assert set(api["daemon"]) >= {"running", "pid", "state", "reason", "paused"}
     assert api["counts"] == doc["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1}
     assert api["daemon"]["running"] is True and api["daemon"]["pid"] == d.proc.pid
     assert api["throughput"]["done_last_hour"] == 3
@@ -261,6 +273,32 @@ def test_symlinks_below_the_folders_are_never_followed(env):
     assert secret.exists() and (tmp / "failed" / "evil.jpg").is_symlink()
 
 
+def test_status_shows_tiles_of_the_photo_in_hand_and_never_idle_beside_it(env):
+    """The fake enhancer reports 8 tiles over 6 s; the daemon rewrites its row every ≤ 2 s, so the
+    page sees tiles_done move. Every row read says `working` exactly when it holds a photo."""
+    tmp, cfg, d, w = env
+    arr = np.full((24, 32, 3), 90, np.uint8)
+    arr[0, 0] = (0, 255, 0)
+    Image.fromarray(arr).save(tmp / "inbox" / "held.png")
+    seen, mismatched = [], []
+    end = time.monotonic() + 40
+    while time.monotonic() < end:
+        s = w.get_json("/api/status")
+        cur = s["current"]
+        if (s["daemon"]["state"] == "working") != (cur is not None):
+            mismatched.append((s["daemon"]["state"], cur))
+        if cur and cur["path"] == "held.png" and "tiles_total" in cur:
+            seen.append((cur["tiles_done"], cur["tiles_total"], cur["stage"]))
+        if seen and _job(w, "held.png")["state"] == "done":
+            break
+        time.sleep(0.05)
+    assert _job(w, "held.png")["state"] == "done"
+    assert not mismatched, mismatched[:3]
+    dones = [t[0] for t in seen]
+    assert {t[1] for t in seen} == {8} and all(1 <= n <= 8 for n in dones)
+    assert dones == sorted(dones) and len(set(dones)) >= 2, seen       # rewritten while in hand
+
+
 def test_healthz_follows_the_daemon(env):
     """Last in this module: it stops the shared daemon."""
     tmp, cfg, d, w = env
@@ -270,10 +308,75 @@ def test_healthz_follows_the_daemon(env):
     status, _, body = w.request("GET", "/healthz")
     assert status == 503 and json.loads(body)["state"] == "stopped"
     assert w.get_json("/api/status")["daemon"]["running"] is False
+    assert w.get_json("/api/status") == json.loads(cli(cfg, "status", "--json").stdout)   # at rest: equal
     assert w.request("GET", "/metrics")[0] == 200              # the page outlives the daemon
 
 
 # --- without a daemon ------------------------------------------------------------------------------
+
+def test_enqueue_now_as_the_cli_does(tmp_path):
+    """POST /api/enqueue queues files at once (no daemon is running to discover them), by path or
+    exact bytes, refuses what `photoenhanced enqueue` refuses, needs the token + CSRF header; the
+    daemon, started later, carries the jobs out."""
+    cfg = write_config(tmp_path, watch={"mode": "poll", "settle_seconds": 600, "rescan_interval": 600,
+                                        "poll_interval": 600})
+    inbox = tmp_path / "inbox"
+    make_jpeg(inbox / "a" / "new.jpg", size=(20, 16), seed=4)
+    make_jpeg(tmp_path / "outside.jpg", seed=5)
+    (inbox / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    os.mkfifo(inbox / "pipe.jpg")
+    raw_name = b"caf\xe9.jpg"                                      # not UTF-8: only path_b64 names it
+    with open(os.fsencode(inbox) + b"/" + raw_name, "wb") as f:
+        f.write(make_jpeg(tmp_path / "c.jpg", size=(12, 10), seed=6).read_bytes())
+    w = WebProc(cfg)
+    d = None
+    try:
+        post = lambda body, h=None: w.request("POST", "/api/enqueue", {"Content-Type": "application/json",
+                                              **(w.auth() if h is None else h)}, json.dumps(body).encode())
+        assert post({"paths": ["a/new.jpg"]}, {})[0] == 401
+        assert post({"paths": ["a/new.jpg"]}, {"Authorization": f"Bearer {w.token}"})[0] == 403
+        status, _, body = post({"paths": ["a/new.jpg", str(inbox / "a" / "new.jpg")]})
+        res = json.loads(body)["results"]
+        assert status == 200 and [r["outcome"] for r in res] == ["queued", "active"]
+        assert res[0]["job"] == res[1]["job"] and res[0]["path"] == "a/new.jpg"
+        status, _, body = post({"paths_b64": [b64(os.fsdecode(raw_name))]})
+        res = json.loads(body)["results"]
+        assert status == 200 and res[0]["outcome"] == "queued" and res[0]["path"] == "caf\\xe9.jpg"
+        assert base64.urlsafe_b64decode(res[0]["path_b64"]) == raw_name
+        status, _, body = post({"paths": ["../outside.jpg", str(tmp_path / "outside.jpg"), "link.jpg", "pipe.jpg",
+                                          "nope.jpg", "", "a/../a/new.jpg", str(inbox)]})
+        doc = json.loads(body)
+        assert status == 409 and doc["status"] == 409 and "8 of 8 not queued" in doc["error"]
+        assert [r["outcome"] for r in doc["results"]] == ["invalid", "invalid", "refused", "refused", "vanished",
+                                                          "invalid", "invalid", "invalid"]
+        assert all(r["job"] is None and r["reason"] for r in doc["results"] if r["outcome"] != "vanished")
+        for bad in (b"not json", b"[]", b'{"paths": "a/new.jpg"}', b'{"paths": [1]}', b'{"path": []}',
+                    json.dumps({"paths": ["x"] * (web.ENQUEUE_MAX + 1)}).encode(), b'{"paths_b64": ["***"]}'):
+            status, _, body = w.request("POST", "/api/enqueue", w.auth(), bad)
+            assert status in (400, 409) and "error" in json.loads(body), bad
+        assert status == 409 and json.loads(body)["results"][0]["outcome"] == "invalid"    # not base64
+        jobs = w.get_json("/api/jobs")
+        assert [(j["path"], j["state"]) for j in jobs] == [("a/new.jpg", "pending"), ("caf\\xe9.jpg", "pending")]
+        import hashlib
+        assert jobs[0]["sha256"] == hashlib.sha256((inbox / "a" / "new.jpg").read_bytes()).hexdigest()
+        r = cli(cfg, "enqueue", str(inbox / "a" / "new.jpg"))                 # the CLI sees the same job
+        assert r.returncode == 0 and f"already queued (job {jobs[0]['id']})" in r.stdout
+        q = Queue(tmp_path / "state" / "queue.sqlite3", readonly=True)
+        try:
+            assert [(r["action"], r["source"], r["job"]) for r in q.requests()] == [
+                ("enqueue", "web", jobs[1]["id"]), ("enqueue", "web", jobs[0]["id"])]
+        finally:
+            q.close()
+        assert (inbox / "link.jpg").is_symlink() and (tmp_path / "outside.jpg").exists()
+        d = DaemonProc(cfg)
+        wait_for(lambda: [j["state"] for j in w.get_json("/api/jobs")] == ["done", "done"], 30, 0.1,
+                 what="the enqueued photos done by the daemon")
+        assert (tmp_path / "outbox" / "a" / "new.jpg").exists()
+    finally:
+        if d is not None:
+            d.kill()
+        assert w.stop() == 0
+
 
 def test_wrong_tokens_are_rate_limited(tmp_path):
     cfg = write_config(tmp_path)

@@ -117,6 +117,11 @@ def test_dashboard_shows_the_running_daemon(site, chrome):
     _wait_js(chrome, "return document.getElementById('current').textContent.includes('slow.png')",
              what="the current photo shown")
     _wait_js(chrome, "return document.getElementById('state').textContent === 'working'", what="working")
+    # progress by tiles (the fake reports 8 over its 8 s) and an ETA from their rate
+    _wait_js(chrome, "const t = document.getElementById('tiles');"
+                     " return !!t && /^tiles [1-8]\\/8$/.test(t.textContent)", what="tiles done/total shown")
+    _wait_js(chrome, "return /ETA \\d/.test(document.getElementById('eta').textContent)", what="an ETA shown")
+    assert chrome.execute_script("return document.querySelector('#bar > div').style.width") != "0%"
     api = w.get_json("/api/status")["counts"]
     _wait_js(chrome, f"return document.getElementById('n-done').textContent === '{api['done']}'", what="done count")
     assert chrome.find_element("id", "n-failed").text == str(api["failed"]) == "1"
@@ -147,6 +152,26 @@ def test_retry_button_puts_the_photo_back_and_it_is_processed(site, chrome):
     assert (tmp / "outbox" / "broken.jpg").exists() and not (tmp / "failed" / "broken.jpg").exists()
     _wait_js(chrome, f"return !document.querySelector(\"{row}\")", what="the row gone from the page")
     assert chrome.find_element("id", "error").get_attribute("hidden") is not None
+
+
+def test_enqueue_from_the_page(site, chrome):
+    tmp, w = site
+    chrome.get(f"{w.url}/")
+    _wait_js(chrome, "return document.body.dataset.loaded === '1'")
+    make_jpeg(tmp / "inbox" / "now" / "asked.jpg", size=(48, 32), seed=12)
+    box = chrome.find_element("id", "enqueue-path")
+    box.send_keys("now/asked.jpg")
+    chrome.find_element("id", "enqueue").click()
+    # queued by the page, or by the daemon's discovery a moment before: either way it is queued
+    _wait_js(chrome, "return /queued/.test(document.getElementById('enqueue-result').textContent)",
+             what="the enqueue result")
+    assert "now/asked.jpg" in chrome.find_element("id", "enqueue-result").text
+    wait_for(lambda: _job(w, "asked.jpg")["state"] == "done", 20, 0.1, what="asked.jpg done")
+    box.send_keys("../outside.jpg")
+    chrome.find_element("id", "enqueue").click()
+    _wait_js(chrome, "return /invalid/.test(document.getElementById('enqueue-result').textContent)",
+             what="the refusal shown")
+    assert "error" in chrome.find_element("id", "enqueue-result").get_attribute("class")
 
 
 def test_before_after_page_shows_two_images_and_the_slider_moves(site, chrome):

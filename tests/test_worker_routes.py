@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _schema import assert_valid_sidecar
 from conftest import make_jpeg, readonly, write_config
 from fake_enhancer import FakeEnhancer
 from watcher import config as config_mod
@@ -57,7 +58,8 @@ class Rig:
 
     def sidecars(self, folder: str) -> list[dict]:
         root = self.tmp / folder
-        return [json.loads(p.read_bytes()) for p in sorted(root.rglob("*.json")) if TMP_DIR not in p.parts]
+        return [assert_valid_sidecar(json.loads(p.read_bytes()))         # the published schema, every one
+                for p in sorted(root.rglob("*.json")) if TMP_DIR not in p.parts]
 
 
 @pytest.fixture
@@ -219,7 +221,7 @@ def test_any_name_is_processed_and_shown_escaped(rig, raw):
     sidecars = list((rig.cfg.folders.outbox).glob("*.json"))
     assert len(sidecars) == 1 and len(os.fsencode(sidecars[0].name)) <= 255
     text = sidecars[0].read_bytes().decode("utf-8")    # valid UTF-8 JSON whatever the name
-    sc = json.loads(text)
+    sc = assert_valid_sidecar(json.loads(text))
     shown = sc["input"]["path"]
     assert "\n" not in shown and "\x1b" not in shown and "\r" not in shown
     real = base64.urlsafe_b64decode(sc["input"]["path_b64"]) if "path_b64" in sc["input"] else shown.encode()

@@ -195,18 +195,11 @@ def cmd_status(cfg, args) -> int:
         q, problem = None, names.safe(str(exc))
     else:
         problem = None
-    hosts: list = []
     try:
-        out, read_problem = control.status(cfg, q)
-        if q is not None and hasattr(q, "hosts"):
-            try:
-                hosts = q.hosts()
-            except (StateUnavailable, QueueCorrupt):
-                hosts = []
+        out, read_problem = control.status(cfg, q)       # with `hosts`, exactly as /api/status
     finally:
         if q:
             q.close()
-    out["hosts"] = _host_rows(cfg, hosts)
     problem = problem or read_problem
     if problem:
         print(f"photoenhanced: the queue cannot be read: {problem}", file=sys.stderr)
@@ -236,22 +229,6 @@ def cmd_status(cfg, args) -> int:
             print(f"    {names.safe(str(h['name']))} [{h['id']}] pid {h['pid']} v{names.safe(str(h['version']))}: "
                   f"{h['health']}, {names.safe(str(h.get('state') or '-'))}{job}, seen {h['seen_s_ago']} s ago")
     return EX_OK
-
-
-def _host_rows(cfg, hosts: list) -> list:
-    """Every daemon registered in the queue, with `health`: alive (heartbeat within a lease),
-    silent (missed it: dead or cut off; its jobs go back to pending when their leases expire),
-    stopped."""
-    import time
-    from . import names
-    now, lease = time.time(), float(getattr(cfg.queue, "lease_seconds", 60) or 60)
-    out = []
-    for h in hosts:
-        seen = h.get("last_seen") or 0
-        health = "stopped" if h.get("state") == "stopped" else ("alive" if now - seen <= lease else "silent")
-        out.append({**{k: (names.safe(v) if isinstance(v, str) else v) for k, v in h.items()},
-                    "health": health, "seen_s_ago": round(now - seen, 1) if seen else None})
-    return out
 
 
 def _fmt_t(t):

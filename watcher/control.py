@@ -1,10 +1,12 @@
 """What the CLI verbs and the web process both do, in one place each: the status document
-(`status --json`, `/api/status`), a job's public JSON (`list --json`, `/api/jobs`), retry and
-pause/resume. State changes go through the queue's API only; the daemon carries them out (it
-picks up a pending job, it stops claiming while paused)."""
+(`status --json`, `/api/status`), a job's public JSON (`list --json`, `/api/jobs`), retry,
+enqueue-now and pause/resume. State changes go through the queue's API only; the daemon carries
+them out (it picks up a pending job, it stops claiming while paused)."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from . import intake, names, safefs
 from .config import Config
@@ -29,25 +31,44 @@ def status(cfg: Config, queue: Queue | None, now: float | None = None) -> tuple[
     running = StateLock.held(cfg.state_dir)
     counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
     d: dict | None = None
-    paused, last_hour, problem = False, 0, None
+    paused, last_hour, problem, hosts = False, 0, None, []
     try:
         if queue is not None:
             counts, d, paused = queue.counts(), queue.daemon(), queue.paused()
             last_hour = queue.done_since(now - HOUR_S)
+            hosts = queue.hosts() if hasattr(queue, "hosts") else []     # a shared (PostgreSQL) queue
     except (StateUnavailable, QueueCorrupt) as exc:
         problem = names.safe(str(exc))
     d = dict(d or {})
     note = StateLock.read_note(cfg.state_dir) if running else None
-    if note and (note.get("updated") or 0) > (d.get("updated") or 0):
-        # newer than the queue's status row: the daemon could not write the queue (full state_dir …)
-        d.update(state=note.get("state"), reason=note.get("reason"), updated=note.get("updated"))
+    if note and (note.get("updated") or 0) > (d.get("updated") or 0) and note.get("state") != "working":
+        # newer than the queue's status row: the daemon could not write the queue (full state_dir …),
+        # or it is about to (the note goes first). Only the row holds the photo in hand, so a note
+        # saying "working" adds nothing, and any other state holds no photo: state and `current`
+        # always agree.
+        d.update(state=note.get("state"), reason=note.get("reason"), updated=note.get("updated"), current=None)
     state = d.get("state") if running else "stopped"
     out = {"daemon": {"running": running, "pid": d.get("pid") if running else None, "state": state,
                       "reason": d.get("reason") if running else None, "since": d.get("started"),
                       "updated": d.get("updated"), "paused": paused},
            "counts": counts, "current": d.get("current") if running else None,
-           "metrics": d.get("metrics"), "throughput": {"done_last_hour": last_hour}}
+           "metrics": d.get("metrics"), "throughput": {"done_last_hour": last_hour},
+           "hosts": host_rows(cfg, hosts, now)}
     return out, problem
+
+
+def host_rows(cfg: Config, hosts: list, now: float) -> list:
+    """Every daemon registered in a shared queue, with `health`: alive (heartbeat within a lease),
+    silent (missed it: dead or cut off; its jobs go back to pending when their leases expire),
+    stopped. (A SQLite queue has no host table: [].)"""
+    lease = float(getattr(getattr(cfg, "queue", None), "lease_seconds", 60) or 60)
+    out = []
+    for h in hosts:
+        seen = h.get("last_seen") or 0
+        health = "stopped" if h.get("state") == "stopped" else ("alive" if now - seen <= lease else "silent")
+        out.append({**{k: (names.safe(v) if isinstance(v, str) else v) for k, v in h.items()},
+                    "health": health, "seen_s_ago": round(now - seen, 1) if seen else None})
+    return out
 
 
 def encodable_status(doc: dict) -> dict:
@@ -113,3 +134,48 @@ def retry_job(cfg: Config, queue: Queue, job_id: int, source: str, pub: Publishe
     new = queue.retry(job_id, file=file)
     queue.record_request("retry", source, job=job_id)
     return new
+
+
+class NotInInbox(WatcherError):
+    """A path given to enqueue that is not a file path inside the inbox (absolute elsewhere, `..`,
+    empty parts, the inbox itself, a NUL, a name no file system holds)."""
+
+
+def inbox_rel(cfg: Config, path: str) -> str:
+    """The inbox-relative form of `path`: an absolute path inside the inbox (as given or through
+    the inbox's resolved path, like `photoenhanced enqueue`), or a path relative to the inbox.
+    Raises NotInInbox."""
+    inbox = cfg.folders.inbox
+    if "\0" in path:
+        raise NotInInbox(f"{names.display(path)}: a NUL is not allowed in a path")
+    rel = path
+    if path.startswith("/"):
+        given = Path(os.path.normpath(path))
+        for base in (inbox, inbox.resolve()):
+            try:
+                rel = given.relative_to(base).as_posix()
+                break
+            except ValueError:
+                continue
+        else:
+            raise NotInInbox(f"{names.display(path)} is not inside the inbox {names.display(str(inbox))}")
+        if rel == ".":
+            raise NotInInbox(f"{names.display(path)} is the inbox itself, not a file in it")
+    try:
+        safefs.parts_of(rel)
+        names.raw(rel)
+    except safefs.UnsafePath:
+        raise NotInInbox(f"{names.display(path)} is not a path inside the inbox (no .., no empty parts)") from None
+    except UnicodeEncodeError:
+        raise NotInInbox(f"{names.display(path)}: no file system name holds these characters") from None
+    return rel
+
+
+def enqueue(cfg: Config, queue: Queue, rel: str, source: str, now: float | None = None) -> intake.Taken:
+    """`POST /api/enqueue` (as `photoenhanced enqueue PATH`): queue inbox/rel at once, skipping the
+    settle wait, through the one intake step (no link followed, never a FIFO). A new job is
+    logged as an `enqueue` request from `source`."""
+    t = intake.take(queue, cfg.folders.inbox, rel, time.time() if now is None else now)
+    if t.outcome == intake.QUEUED and t.job is not None:
+        queue.record_request("enqueue", source, job=t.job.id)
+    return t

@@ -3,6 +3,7 @@ sd_notify; reload; exit codes. No business logic here."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 from collections import deque
@@ -72,10 +73,8 @@ class StateLock:
             os.close(fd)
             raise LockedError(f"another photoenhanced daemon (pid {pid or '?'}) is running on {self.path.parent}") from None
         self.fd = fd
-        try:
+        with contextlib.suppress(OSError):   # a full disk: the note is written where it fits
             os.posix_fallocate(fd, 0, self.NOTE_BYTES)
-        except OSError:
-            pass                      # a full disk: the note is written where it fits
         self.note("starting", None)
 
     def note(self, state: str, reason: str | None) -> None:
@@ -83,10 +82,8 @@ class StateLock:
             return
         body = f"{os.getpid()}\n" + json.dumps({"state": state, "reason": reason, "updated": time.time()})
         data = body.encode()[: self.NOTE_BYTES - 1] + b"\n"
-        try:
+        with contextlib.suppress(OSError):   # best effort: the status row in the queue is the main record
             os.pwrite(self.fd, data.ljust(self.NOTE_BYTES, b" "), 0)
-        except OSError:
-            pass                      # best effort: the status row in the queue is the main record
 
     def release(self) -> None:
         if self.fd is not None:
@@ -423,16 +420,19 @@ class Daemon:
                 if self.worker.current is None:
                     self.notifier.watchdog()        # during a job the worker pings, per step and per tile
                 current = self.worker.current
-                if now - last_check < STATUS_CHECK_S and current is last_current and not self._enqueued:
+                # at once on a new job or stage; tile progress is picked up at the regular pace
+                step = current and (current.get("job"), current.get("stage"), current.get("page"))
+                if now - last_check < STATUS_CHECK_S and step == last_current and not self._enqueued:
                     self.stop.wait(LOOP_S)
                     continue
-                last_check, last_current, self._enqueued = now, current, False
-                state, text, reason = self._status(queue, now)     # written at once when it changes
+                last_check, last_current, self._enqueued = now, step, False
+                # one read of the photo in hand for both the state and the row (never "idle" beside a photo)
+                state, text, reason = self._status(queue, now, current)     # written at once when it changes
                 if text != status_text or now - last_status >= STATUS_EVERY_S:
                     self.notifier.status(text)
                     self.lock.note(state, reason)
                     metrics = self._write_metrics(queue, now)
-                    queue.set_daemon(os.getpid(), state, reason, self.worker.current, metrics, started=self.started)
+                    queue.set_daemon(os.getpid(), state, reason, current, metrics, started=self.started)
                     status_text, last_status = text, now
                     if self.storage_problem is not None:
                         log.info("state_dir.ok", was=self.storage_problem)
@@ -573,7 +573,9 @@ class Daemon:
             self.wake.set()
         self.folder_issues = issues
 
-    def _status(self, queue: Queue, now: float) -> tuple[str, str, str | None]:
+    def _status(self, queue: Queue, now: float, current=...) -> tuple[str, str, str | None]:
+        """(state, STATUS= text, reason); `current`: the worker's photo in hand as the caller read
+        it (default: read it here)."""
         counts = queue.counts()
         queued = counts["pending"] + counts["running"]
         disc_problem = getattr(self.discovery, "problem", None) if self.discovery else None
@@ -586,7 +588,7 @@ class Daemon:
             reasons.append(self.models.problem)
         if disc_problem and disc_problem not in reasons:
             reasons.append(disc_problem)
-        cur = self.worker.current if self.worker else None
+        cur = (self.worker.current if self.worker else None) if current is ... else current
         if cur is not None:
             n = self.worker.handled + 1
             faces = cur.get("faces")

@@ -7,6 +7,7 @@ start-up recovery is just "run every recorded plan again". No SQL here, no torch
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -530,7 +531,7 @@ class Publisher:
                 sfd, sname = stack.enter_context(safefs.dir_of(sroot, srel))
                 st = safefs.lstat_at(sfd, sname)
             except FileNotFoundError:
-                pass
+                st = None                              # its folder is gone: the original is gone
             except safefs.UnsafePath as exc:
                 log.warning("publish.original_unreachable", path=names.display(step["src"]), reason=exc.strerror)
             same = st is not None and stat.S_ISREG(st.st_mode) and _ours(st, step)
@@ -632,10 +633,8 @@ def _copy_durable_at(sfd: int, sname: str, st: os.stat_result, tfd: int, tname: 
     try:
         if not safefs.same_file(got, st):
             raise OSError(errno.ESTALE, "the original changed while it was being moved", sname)
-        try:
+        with contextlib.suppress(FileNotFoundError):   # a partial copy from before a crash
             os.unlink(tname, dir_fd=tfd)
-        except FileNotFoundError:
-            pass
         f_out = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                         dir_fd=tfd)
         try:

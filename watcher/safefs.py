@@ -11,6 +11,7 @@ FIFO or device (``O_NONBLOCK``) and ``fstat`` decides what was opened.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -51,11 +52,8 @@ def _open_sub(fd: int, name: str, create: bool, mode: int) -> int:
     except FileNotFoundError:
         if not create:
             raise
-    try:
+    with contextlib.suppress(FileExistsError):     # made meanwhile by someone else: just as good
         os.mkdir(name, mode, dir_fd=fd)
-    except FileExistsError:
-        pass
-    else:
         os.fsync(fd)                     # the new folder's entry is durable before anything goes in
     return os.open(name, _DIR_FLAGS, dir_fd=fd)
 
@@ -160,9 +158,7 @@ def write_new_at(fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
         os.fsync(f)
     except BaseException:
         os.close(f)
-        try:
+        with contextlib.suppress(OSError):           # the write's own error is the one to report
             os.unlink(name, dir_fd=fd)
-        except OSError:
-            pass
         raise
     os.close(f)

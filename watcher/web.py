@@ -4,8 +4,8 @@ from the daemon, so that a fault here never stops enhancement.
 A plain WSGI application served by waitress (pure Python, threaded, no dependencies, no event
 loop: it fits this threaded codebase; the page is static HTML/CSS/JS from `web_static/`, with no
 build step). It reads the queue through read-only SQLite connections (WAL: never blocks the
-daemon) and the folders through `safefs` (no link followed). State changes (retry, pause, resume)
-go through `watcher.control` and the queue's API exactly as the CLI verbs do; the daemon carries
+daemon) and the folders through `safefs` (no link followed). State changes (retry, pause, resume,
+enqueue-now) go through `watcher.control` and the queue's API exactly as the CLI verbs do; the daemon carries
 them out.
 
 Security: loopback by default (another address needs `web.insecure_remote: true`); requests whose
@@ -19,6 +19,8 @@ LRU cache in `state_dir/web-cache/`; never a raw file, never a path in a URL.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import io
@@ -56,6 +58,8 @@ MAX_BODY = 16 << 10              # request bodies (POSTs carry none that matter)
 MAX_HEADERS = 32 << 10
 AUTH_WINDOW_S, AUTH_MAX_FAILS = 60.0, 10
 JOBS_MAX_LIMIT = 500
+ENQUEUE_MAX = 50                 # paths (and again paths_b64) in one POST /api/enqueue
+ENQUEUE_OK = ("queued", "active", "busy")     # intake outcomes that mean "it is (or will be) queued"
 MAX_ID = 2 ** 63 - 1
 THREADS = 6
 _STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -438,6 +442,7 @@ class WebApp:
             ("POST", re.compile(r"/api/jobs/(\d{1,18})/retry"), self.api_retry, True),
             ("POST", re.compile(r"/api/pause"), self.api_pause, True),
             ("POST", re.compile(r"/api/resume"), self.api_resume, True),
+            ("POST", re.compile(r"/api/enqueue"), self.api_enqueue, True),
             ("GET", re.compile(r"/api/session"), self.api_session, False),
             ("GET", re.compile(r"/api/openapi.json"), self.api_openapi, False),
             ("GET", re.compile(r"/metrics"), self.metrics, False),
@@ -748,6 +753,64 @@ class WebApp:
     def api_resume(self, environ) -> tuple:
         return self._pause(False)
 
+    def _body_json(self, environ) -> object:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise HTTPError(400, "bad Content-Length") from None
+        data = environ["wsgi.input"].read(length) if length > 0 else b""
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise HTTPError(400, "the body must be a JSON object") from None
+
+    def api_enqueue(self, environ) -> tuple:
+        """As `photoenhanced enqueue PATH…`: each path (relative to the inbox, or absolute inside
+        it; `paths_b64`: the exact bytes, URL-safe base64) is queued at once, skipping the settle
+        wait. 200 when every one is queued (or already was), else 409; either way one result per
+        path, in order."""
+        body = self._body_json(environ)
+        if not isinstance(body, dict) or set(body) - {"paths", "paths_b64"}:
+            raise HTTPError(400, 'the body must be {"paths": [...]} and/or {"paths_b64": [...]}')
+        given: list[tuple[str | None, str]] = []          # (problem, path)
+        for key in ("paths", "paths_b64"):
+            items = body.get(key, [])
+            if not isinstance(items, list) or len(items) > ENQUEUE_MAX or not all(isinstance(x, str) for x in items):
+                raise HTTPError(400, f"{key} must be a list of at most {ENQUEUE_MAX} strings")
+            for x in items:
+                if key == "paths":
+                    given.append((None, x))
+                    continue
+                try:
+                    given.append((None, os.fsdecode(base64.urlsafe_b64decode(x.encode("ascii")))))
+                except (ValueError, binascii.Error, UnicodeEncodeError):
+                    given.append(("not URL-safe base64", x))
+
+        def go(q: Queue) -> list[dict]:
+            results = []
+            for problem, path in given:
+                row: dict = {**names.fields(path), "outcome": "invalid", "job": None, "reason": problem}
+                if problem is None:
+                    try:
+                        rel = control.inbox_rel(self.cfg, path)
+                    except control.NotInInbox as exc:
+                        row["reason"] = str(exc)
+                    else:
+                        t = control.enqueue(self.cfg, q, rel, "web")
+                        row.update(outcome=t.outcome, job=t.job.id if t.job else None,
+                                   reason=names.safe(t.reason) if t.reason else None)
+                        log.info("web.enqueue", path=names.display(rel), outcome=t.outcome, job=row["job"])
+                results.append(names.encodable(row))
+            return results
+        results = self._write(go)
+        bad = [r for r in results if r["outcome"] not in ENQUEUE_OK]
+        if not bad:
+            return self._json({"results": results})
+        first = bad[0]
+        msg = f"{first['path']}: {first['outcome']}" + (f" ({first['reason']})" if first["reason"] else "")
+        return self._json({"error": f"{len(bad)} of {len(results)} not queued; {msg}", "status": 409,
+                           "results": results}, 409)
+
     def api_session(self, environ) -> tuple:
         ok = hmac.compare_digest(self._cookies(environ).get("pe_session", "").encode(), self.session.encode())
         return self._json({"authenticated": ok})
@@ -785,15 +848,32 @@ def openapi() -> dict:
                "sha256": {"type": "string"}, "wait_reason": nstr, "not_before": nnum,
                "created": {"type": "number"}, "updated": {"type": "number"},
                "outputs": {"type": "array", "items": {"type": "object"}}, "duplicate_of": nint}}
-    status = {"type": "object", "required": ["daemon", "counts", "current"], "properties": {
+    status = {"type": "object", "required": ["daemon", "counts", "current", "hosts"], "properties": {
         "daemon": {"type": "object", "required": ["running", "state", "paused"], "properties": {
             "running": {"type": "boolean"}, "pid": nint, "state": nstr, "reason": nstr, "since": nnum,
             "updated": nnum, "paused": {"type": "boolean"}}},
         "counts": {"type": "object", "required": list(STATES),
                    "properties": {s: {"type": "integer"} for s in STATES}},
-        "current": {"type": "object", "nullable": True},
+        "current": {"type": "object", "nullable": True, "description": "the photo in hand: job, path, stage,"
+                    " started, page, faces, tiles_done, tiles_total (as far as known)",
+                    "properties": {"job": {"type": "integer"}, "path": {"type": "string"},
+                                   "stage": {"type": "string"}, "started": {"type": "number"},
+                                   "tiles_done": {"type": "integer"}, "tiles_total": {"type": "integer"}}},
         "metrics": {"type": "object", "nullable": True},
-        "throughput": {"type": "object", "properties": {"done_last_hour": {"type": "integer"}}}}}
+        "throughput": {"type": "object", "properties": {"done_last_hour": {"type": "integer"}}},
+        "hosts": {"type": "array", "description": "the daemons registered in a shared (PostgreSQL) queue; [] with SQLite",
+                  "items": {"type": "object", "required": ["health"], "properties": {
+                      "health": {"type": "string", "enum": ["alive", "silent", "stopped"]},
+                      "seen_s_ago": nnum}}}}}
+    enqueued = {"type": "object", "required": ["results"], "properties": {
+        "results": {"type": "array", "items": {
+            "type": "object", "required": ["path", "outcome", "job", "reason"], "properties": {
+                "path": {"type": "string"},
+                "path_b64": {"type": "string", "description": "the exact bytes of the name (URL-safe base64)"},
+                "outcome": {"type": "string", "enum": ["queued", "active", "busy", "changed", "vanished",
+                                                       "unreadable", "refused", "invalid"]},
+                "job": nint, "reason": nstr}}},
+        "error": {"type": "string"}, "status": {"type": "integer"}}}
     auth = [{"bearer": [], "csrf": []}, {"cookie": [], "csrf": []}]
     post_responses = {"401": err, "403": err, "404": err, "409": err, "429": err}
     return {
@@ -838,6 +918,20 @@ def openapi() -> dict:
                 "security": auth,
                 "responses": {"200": {"description": "the job, pending again", "content": {
                     "application/json": {"schema": job}}}, **post_responses}}},
+            "/api/enqueue": {"post": {
+                "summary": "queue files in the inbox at once, skipping the settle wait (as `photoenhanced enqueue PATH…`)",
+                "description": "Each path is relative to the inbox or absolute inside it; `paths_b64` gives exact"
+                               " bytes (URL-safe base64). 200 when every path is queued (or already was), 409 when"
+                               " one is not (outside the inbox, missing, a symlink …); one result per path either way.",
+                "security": auth,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "paths": {"type": "array", "maxItems": ENQUEUE_MAX, "items": {"type": "string"}},
+                        "paths_b64": {"type": "array", "maxItems": ENQUEUE_MAX, "items": {"type": "string"}}}}}}},
+                "responses": {"200": {"description": "all queued", "content": {"application/json": {"schema": enqueued}}},
+                              "400": err, "401": err, "403": err, "413": err, "429": err,
+                              "409": {"description": "not all queued", "content": {"application/json": {
+                                  "schema": enqueued}}}}}},
             "/api/pause": {"post": {"summary": "as `photoenhanced pause`", "security": auth, "responses": {
                 "200": {"description": "paused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pause"}}}},
                 **post_responses}}},

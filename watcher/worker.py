@@ -364,7 +364,7 @@ class Worker:
 
     def _duplicate(self, job: Job, src: Source, prep: "Prepared", t0: float, now: float) -> Outcome | None:
         prev = self.queue.done_with(job.sha256, prep.eff["key"])
-        if prev is None:
+        if prev is None or prev.id == job.id:        # (another host may have finished this very job)
             return None
         out = prev.outputs[0]
         try:
@@ -527,7 +527,9 @@ def prepare(source: bytes | Path, name: str, cfg: Config, limits, profile: str, 
     fmt, ext = imageio.output_format(info.format, cfg.enhance.output_format)
     scale = imageio.output_scale(info, upscale, limits, fmt)
     m = cfg.enhance.models
-    key = f"{profile}:{scale:g}:{fmt}:{cfg.enhance.jpeg_quality}:{m.face}:{m.background}:{m.detector}"
+    e = cfg.enhance
+    key = (f"{profile}:{scale:g}:{fmt}:{e.jpeg_quality}:{m.face}:{m.background}:{m.detector}"
+           f":{e.face_fidelity:g}:{e.face_strength:g}:{e.provenance}")   # every setting that changes the bytes"
     params = Params(profile=profile, upscale=scale, tile=cfg.enhance.tile, attempt=attempt)
     eff = {"key": key, "profile": profile, "upscale": upscale, "scale": scale, "hot_folder": hot or None,
            "tile": cfg.enhance.tile, "output_format": fmt, "jpeg_quality": cfg.enhance.jpeg_quality,
@@ -588,7 +590,8 @@ def _ms(t: float) -> float:
 
 
 def _check_pixels(img: np.ndarray) -> None:
-    if img.ndim != 3 or img.shape[2] != 3 or not np.isfinite(img).all():
+    bad_values = img.dtype.kind == "f" and not np.isfinite(img).all()    # integer results are finite
+    if img.ndim != 3 or img.shape[2] != 3 or bad_values:
         raise TransientError("the enhancer returned an invalid image (shape or non-finite values)")
 
 
