@@ -51,6 +51,9 @@ class Result:
     tile: int = 0                              # the tile edge finally used (0 = whole image)
     timings_ms: dict[str, float] = field(default_factory=dict)   # detect, restore, upscale
     bits: int = 0                              # 0 = float32 image, 8/16 = integer image
+    # faces restored: (x0, y0, x1, y1, score) with coordinates relative to the image (0–1), so they
+    # hold for the input, the result and any preview of them
+    face_boxes: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
 
 class Enhancer(Protocol):

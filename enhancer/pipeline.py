@@ -398,6 +398,17 @@ class Face:
     landmarks: np.ndarray    # (5, 2) in input pixels
 
 
+def face_box(face: Face, w: int, h: int) -> tuple[float, float, float, float, float]:
+    """The face's box relative to the image (0–1): the landmarks (eyes, nose, mouth corners) span
+    about the inner half of a face, so their box is widened to the whole face."""
+    lm = face.landmarks
+    cx, cy = float(lm[:, 0].mean()), float(lm[:, 1].mean())
+    side = 2.2 * max(float(np.ptp(lm[:, 0])), float(np.ptp(lm[:, 1])), 1.0)
+    x0, x1 = max(0.0, cx - side / 2), min(float(w), cx + side / 2)
+    y0, y1 = max(0.0, cy - side / 2), min(float(h), cy + side / 2)
+    return (round(x0 / w, 4), round(y0 / h, 4), round(x1 / w, 4), round(y1 / h, 4), round(face.score, 4))
+
+
 def detect_faces(det: LoadedModel, image: np.ndarray, device: torch.device,
                  threshold: float = 0.97) -> list[Face]:
     h, w = image.shape[:2]
@@ -634,8 +645,9 @@ class RealEnhancer:
                 tiles.stream_tiled(lambda x: x, image, 1, background, RESIZE_BAND, pad=8)
             timings["upscale"] = (time.monotonic() - t0) * 1000
             _ping(progress)
+            boxes: list = []
             if params.profile in ("faces", "full"):
-                faces_done = self._faces(image, background, timings, progress)
+                faces_done = self._faces(image, background, timings, progress, boxes)
         if background.dtype == np.float32:
             background = np.clip(background, 0.0, 1.0, out=background)
         used = [lm for role, lm in self._models.items()
@@ -645,11 +657,12 @@ class RealEnhancer:
         return Result(image=background, faces=faces_done, models=[lm.info() for lm in used],
                       device=str(dev), precision="/".join(sorted(prec)) or "fp32",
                       tile=used_tile, timings_ms={k: round(v, 1) for k, v in timings.items()},
-                      bits=params.bits)
+                      bits=params.bits, face_boxes=boxes)
 
     def _faces(self, image: np.ndarray, background: np.ndarray, timings: dict[str, float],
-               progress: Callable[[], None] | None) -> int:
-        """Detect, align, restore all faces in batches, parse, paste (in place). Count."""
+               progress: Callable[[], None] | None, boxes: list | None = None) -> int:
+        """Detect, align, restore all faces in batches, parse, paste (in place). Count. The boxes
+        of the faces restored go into `boxes` (relative coordinates, see Result.face_boxes)."""
         dev = self._device
         h, w = image.shape[:2]
         oh, ow = background.shape[:2]
@@ -665,6 +678,8 @@ class RealEnhancer:
                 log.warning("faces.unalignable", score=face.score)
                 continue
             aligned.append(got)
+            if boxes is not None:
+                boxes.append(face_box(face, w, h))
         if not aligned:
             timings["restore"] = (time.monotonic() - t0) * 1000
             return 0

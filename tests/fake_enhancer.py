@@ -31,7 +31,8 @@ from enhancer.errors import OutOfMemoryError, WeightsMissingError
 
 class FakeEnhancer:
     def __init__(self, delay: float = 0.0, hang: bool = False, poison: bool = False, mark_delay: float = 0.0,
-                 tiles: int = 8):
+                 tiles: int = 8, face_boxes: list | None = None):
+        self.face_boxes = face_boxes or []      # reported as found (relative boxes + score)
         self.delay = delay
         self.tiles = tiles
         self.poison = poison
@@ -61,8 +62,9 @@ class FakeEnhancer:
         ys = (np.arange(oh) * h // oh).clip(0, h - 1)
         xs = (np.arange(ow) * w // ow).clip(0, w - 1)
         out = image[ys][:, xs].astype(np.float32)
-        return Result(image=out, faces=0, models=[ModelInfo("fake-nearest", "0" * 64, "test")],
-                      device="cpu", precision="fp32", tile=0, timings_ms={"upscale": 1.0})
+        return Result(image=out, faces=len(self.face_boxes), models=[ModelInfo("fake-nearest", "0" * 64, "test")],
+                      device="cpu", precision="fp32", tile=0, timings_ms={"upscale": 1.0},
+                      face_boxes=list(self.face_boxes))
 
     def describe(self) -> dict:
         return {"device": "cpu", "precision": "fp32", "models": []}
@@ -75,4 +77,6 @@ def factory(settings) -> FakeEnhancer:
     return FakeEnhancer(delay=float(os.environ.get("FAKE_DELAY", "0")),
                         poison=os.environ.get("FAKE_POISON", "") not in ("", "0"),
                         mark_delay=float(os.environ.get("FAKE_MARK_DELAY", "0")),
-                        tiles=int(os.environ.get("FAKE_TILES", "8")))
+                        tiles=int(os.environ.get("FAKE_TILES", "8")),
+                        face_boxes=[(*map(float, b.split(",")), 0.99)
+                                    for b in os.environ.get("FAKE_FACE_BOXES", "").split(";") if b])

@@ -55,6 +55,10 @@ def test_faces_profile_finds_and_restores_the_one_face(built):
     plain = cv2.resize(img, (384, 384), interpolation=cv2.INTER_LANCZOS4)
     assert np.abs(res.image[300:, 300:] - np.clip(plain[300:, 300:], 0, 1)).max() < 1e-4
     assert np.abs(res.image[40:140, 150:260] - plain[40:140, 150:260]).mean() > 0.02
+    # its box (relative, for the web page's clickable faces) lies around that changed region
+    [(x0, y0, x1, y1, score)] = res.face_boxes
+    assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and score >= 0.97
+    assert x0 < 205 / 384 < x1 and y0 < 90 / 384 < y1 and (x1 - x0) < 0.6
 
 
 def test_full_profile_uses_background_model_and_tiles(built):

@@ -77,7 +77,7 @@ def site(tmp_path_factory):
     _photo(inbox / "cats" / "chelsea.jpg", _small(sk.chelsea(), 240))
     _photo(inbox / HOSTILE, _small(sk.rocket(), 200))
     (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated" * 8)
-    d = DaemonProc(cfg, env={"FAKE_MARK_DELAY": "8"})
+    d = DaemonProc(cfg, env={"FAKE_MARK_DELAY": "8", "FAKE_FACE_BOXES": "0.3,0.1,0.6,0.45"})
     w = WebProc(cfg)
     try:
         wait_for(lambda: w.get_json("/api/status")["counts"] == {"pending": 0, "running": 0, "done": 4, "failed": 1},
@@ -207,6 +207,17 @@ def test_before_after_page_shows_two_images_and_the_slider_moves(site, chrome):
              what="the crop shown at 100 %")
     chrome.find_element("id", "fit").click()
     _wait_js(chrome, "return document.getElementById('after').src.includes('size=preview')")
+    # the face the detector found: a box on the picture, one click shows it at 100 %
+    box = chrome.find_element("css selector", "#compare .facebox")
+    r = chrome.execute_script("const c = document.getElementById('compare').getBoundingClientRect();"
+                              " const b = arguments[0].getBoundingClientRect();"
+                              " return [(b.left - c.left) / c.width, (b.top - c.top) / c.height, b.width / c.width];", box)
+    assert abs(r[0] - 0.3) < 0.02 and abs(r[1] - 0.1) < 0.02 and abs(r[2] - 0.3) < 0.02
+    box.click()
+    _wait_js(chrome, "return document.getElementById('after').src.includes('size=crop&x=0.450&y=0.275')",
+             what="zoomed on the face")
+    assert "face 1" in chrome.find_element("id", "zoominfo").text
+    chrome.find_element("id", "fit").click()
 
 
 def test_without_the_token_requests_are_refused_and_paths_find_nothing(site, chrome):

@@ -549,7 +549,7 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
     except PermanentError as exc:
         raise _DecodeFailed() from exc
     timings["decode"] = _ms(t)
-    pages, faces, result = [], 0, None
+    pages, faces, result, boxes = [], 0, None, []
     for i, page in enumerate(decoded.pages):
         progress(stage="enhance", page=i + 1)
         # integer result (8/16 bits as the source): streamed by the enhancer, no float copy
@@ -557,6 +557,7 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
                                   progress=progress)
         _check_pixels(result.image)
         faces += result.faces
+        boxes += [{"page": i + 1, "box": list(b[:4]), "score": b[4]} for b in getattr(result, "face_boxes", ())]
         for k, v in result.timings_ms.items():
             timings[k] = timings.get(k, 0.0) + v
         h, w = result.image.shape[:2]
@@ -577,7 +578,7 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
                 "format": prep.fmt, "pages": len(pages)}
     for k in ("detect", "restore", "upscale"):
         timings.setdefault(k, 0.0)
-    extra = {"outputs": [out_info], "faces": faces,
+    extra = {"outputs": [out_info], "faces": faces, "face_boxes": boxes,
              "models": [{"name": mi.name, "sha256": mi.sha256, "source": mi.source,
                          **(getattr(mi, "details", None) or {})} for mi in result.models],
              "weights_source": sorted({mi.source for mi in result.models if mi.source}) or None,

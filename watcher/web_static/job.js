@@ -32,19 +32,44 @@
     $("zoominfo").textContent = "click the picture to see that region at 100 %";
   }
   $("fit").addEventListener("click", fit);
+  function zoomAt(x, y, what) {
+    zoomed = true;
+    $("compare").classList.add("zoomed");
+    show("before", img("before", "crop", x, y));
+    show("after", img("after", "crop", x, y));
+    $("fit").hidden = false;
+    $("zoominfo").textContent = `100 % of the result around ${what}`;
+  }
   $("compare").addEventListener("click", (e) => {
     if (zoomed) { fit(); return; }
     if (!have.before || !have.after) return;
     const r = $("compare").getBoundingClientRect();
     const x = Math.min(1, Math.max(0, (e.clientX - r.left) / r.width));
     const y = Math.min(1, Math.max(0, (e.clientY - r.top) / r.height));
-    zoomed = true;
-    $("compare").classList.add("zoomed");
-    show("before", img("before", "crop", x, y));
-    show("after", img("after", "crop", x, y));
-    $("fit").hidden = false;
-    $("zoominfo").textContent = "100 % of the result around the point you clicked";
+    zoomAt(x, y, "the point you clicked");
   });
+
+  // the faces the detector found (sidecar face_boxes, relative to the picture): one click each
+  function faceBoxes(sc) {
+    for (const old of document.querySelectorAll("#compare .facebox")) old.remove();
+    const boxes = (sc.face_boxes || []).filter((f) => f.page === 1 && Array.isArray(f.box));
+    boxes.forEach((f, i) => {
+      const [x0, y0, x1, y1] = f.box.map(Number);
+      const b = PE.el("button", { text: String(i + 1) });
+      b.type = "button";
+      b.className = "facebox";
+      b.title = `face ${i + 1}: see it at 100 %`;
+      Object.assign(b.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`,
+                               width: `${(x1 - x0) * 100}%`, height: `${(y1 - y0) * 100}%` });
+      b.addEventListener("click", (e) => {
+        e.stopPropagation();
+        if (!have.before || !have.after) return;
+        zoomAt((x0 + x1) / 2, (y0 + y1) / 2, `face ${i + 1}`);
+      });
+      $("compare").append(b);
+    });
+    if (boxes.length) $("zoominfo").textContent = `click a face (${boxes.length}) or anywhere to see it at 100 %`;
+  }
 
   function fact(dl, k, v) {
     if (v == null || v === "") return;
@@ -81,6 +106,7 @@
       (j.state === "done" ? "the original was deleted or moved" : `the job is ${j.state}`) + ")" : "";
     have = j.images;
     if (have.before || have.after) fit();
+    faceBoxes(sc);
     const retry = $("retry");
     retry.hidden = j.state !== "failed";
     retry.disabled = PE.csrf() === "";
