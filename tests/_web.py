@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -13,15 +14,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("PHOTOENHANCED_ARTIFACTS", ROOT / "build" / "test-artifacts")) / "web"
-_URL = re.compile(r"photoenhanced web: (http://[^/\s]+/)\?token=(\S+)")
+_URL = re.compile(r"photoenhanced web: (https?://[^/\s]+/)\?token=(\S+)")
 
 
 class WebProc:
     """`python -m watcher.cli --config CFG web --listen 127.0.0.1:0`; the URL and token are read
     from the line it prints once (the port is the one the OS gave)."""
 
-    def __init__(self, config: Path, listen: str = "127.0.0.1:0", env: dict | None = None):
+    def __init__(self, config: Path, listen: str = "127.0.0.1:0", env: dict | None = None,
+                 ca: Path | None = None):
+        """`ca`: the certificate to trust when the config serves HTTPS (web.tls_cert)."""
         self.config = config
+        self.ca = ca
         self.log = config.parent / f"web-{time.monotonic_ns()}.log"
         self.err = self.log.with_suffix(".err")
         e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -35,7 +39,8 @@ class WebProc:
             m = _URL.search(self.err.read_text(errors="replace"))
             if m:
                 self.url, self.token = m.group(1).rstrip("/"), m.group(2)
-                host, port = self.url.removeprefix("http://").rsplit(":", 1)
+                self.scheme, _, rest = self.url.partition("://")
+                host, port = rest.rsplit(":", 1)
                 self.host, self.port = host, int(port)
                 return
             if self.proc.poll() is not None:
@@ -50,7 +55,11 @@ class WebProc:
     def request(self, method: str, path: str, headers: dict | None = None, body: bytes | None = None,
                 ) -> tuple[int, dict, bytes]:
         """One request with the path sent exactly as given (no normalisation of `..`)."""
-        c = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        if self.scheme == "https":
+            ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+            c = http.client.HTTPSConnection(self.host, self.port, timeout=30, context=ctx)
+        else:
+            c = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             c.putrequest(method, path, skip_accept_encoding=True)
             for k, v in (headers or {}).items():

@@ -194,6 +194,15 @@ def test_before_after_page_shows_two_images_and_the_slider_moves(site, chrome):
     clip1 = chrome.execute_script("return document.getElementById('after').style.clipPath")
     assert value < 50 and clip1 != clip0 and clip1 == f"inset(0px 0px 0px {value}%)"
     assert "photoenhanced" in chrome.find_element("id", "sidecar").text     # the sidecar, readable
+    # links to the files, by job id; the page's own fetch of the result gets its exact size
+    links = chrome.execute_script("return [...document.querySelectorAll('#files a')].map(a => a.getAttribute('href'))")
+    assert links == [f"/jobs/{j['id']}/files/{k}" for k in ("result", "sidecar", "original")]
+    got = chrome.execute_async_script("const done = arguments[arguments.length - 1]; fetch(arguments[0])"
+                                      ".then(async r => done([r.status, (await r.arrayBuffer()).byteLength,"
+                                      " r.headers.get('content-disposition')]), e => done([String(e), 0, '']))",
+                                      links[0])
+    assert got[0] == 200 and got[1] == (tmp / "outbox" / "portraits" / "astronaut.jpg").stat().st_size
+    assert got[2].startswith("attachment;") and "astronaut.jpg" in got[2]
     chrome.execute_script("const s = document.getElementById('slider'); s.value = 50;"
                           " s.dispatchEvent(new Event('input'));")
     _shot(chrome, "before-after.png")

@@ -53,5 +53,5 @@ def test_api_matches_its_openapi_document(fuzz_web):
                        env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}, cwd=tmp)
     (ARTIFACTS / "schemathesis.txt").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    assert "Tested: 8" in r.stdout and "No issues found" in r.stdout
+    assert "Tested: 9" in r.stdout and "No issues found" in r.stdout
     assert "error" not in w.err.read_text().lower()                 # no 500 logged by the web process

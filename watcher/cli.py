@@ -160,6 +160,11 @@ def cmd_check_config(cfg, args) -> int:
     """Exit 0 for a valid config (78 is main's, before this runs). Folders that `run` creates are
     listed apart from problems that block work (the daemon starts and waits until they are fixed)."""
     from .doctor import can_create_in
+    from .web import tls_problem
+    tls = tls_problem(cfg)                   # web.tls_cert/web.tls_key load and match (exit 78)
+    if tls:
+        print(f"photoenhanced: bad config {cfg.path}:\n  {tls}", file=sys.stderr)
+        return EX_CONFIG
     problems = config_mod.folder_problems(cfg, create=False)
     created, blocking = [], []
     for name, p in {"inbox": cfg.folders.inbox, **cfg.target_folders(), "state_dir": cfg.state_dir}.items():

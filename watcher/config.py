@@ -87,6 +87,7 @@ class Jobs:
     skip_duplicates: bool = True
     stop_timeout: float = 20.0
     max_interruptions: int = 3        # runs cut short by the daemon's death before failed/ (interrupted)
+    prefetch: int = 1                 # jobs decoded ahead while the model works (0: strictly one at a time)
 
     def backoff(self, attempts: int) -> float:
         seq = self.backoff_seconds or (0.0,)
@@ -111,6 +112,8 @@ class Log:
 class Web:
     listen: str = "127.0.0.1:8765"    # HOST:PORT of `photoenhanced web`
     insecure_remote: bool = False     # allow a non-loopback listen address (plain HTTP, no TLS)
+    tls_cert: Path | None = None      # PEM certificate (chain) and its key: serve HTTPS (both or neither)
+    tls_key: Path | None = None
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -335,14 +338,17 @@ SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Any]]] = {
                  "face_strength": 1.0, "models": None, "folders": ()}),
     "jobs": ({"max_attempts": _num(1, 100, integer=True), "backoff_seconds": _num_list,
               "originals": _enum("archive", "delete"), "skip_duplicates": _bool,
-              "stop_timeout": _num(0, 3600), "max_interruptions": _num(1, integer=True)},
+              "stop_timeout": _num(0, 3600), "max_interruptions": _num(1, integer=True),
+              "prefetch": _num(0, 4, integer=True)},
              {"max_attempts": 3, "backoff_seconds": (10.0, 60.0, 300.0), "originals": "archive",
-              "skip_duplicates": True, "stop_timeout": 20.0, "max_interruptions": 3}),
+              "skip_duplicates": True, "stop_timeout": 20.0, "max_interruptions": 3,
+              "prefetch": 1}),
     "hooks": ({"on_done": _hook, "on_failed": _hook, "timeout": _num(0.1, 600), "retries": _num(0, 20, integer=True)},
               {"on_done": None, "on_failed": None, "timeout": 10.0, "retries": 2}),
     "log": ({"format": _enum("auto", "json", "text"), "level": _enum("debug", "info", "warning", "error")},
             {"format": "auto", "level": "info"}),
-    "web": ({"listen": _listen, "insecure_remote": _bool}, {"listen": "127.0.0.1:8765", "insecure_remote": False}),
+    "web": ({"listen": _listen, "insecure_remote": _bool, "tls_cert": _path(nullable=True), "tls_key": _path(nullable=True)},
+            {"listen": "127.0.0.1:8765", "insecure_remote": False, "tls_cert": None, "tls_key": None}),
     "queue": ({"url": _queue_url, "lease_seconds": _num(1, 3600)}, {"url": None, "lease_seconds": 60.0}),
 }
 MODELS = ({"face": _str, "background": _str, "detector": _str},
@@ -461,9 +467,14 @@ def parse(raw: Any, base: Path, path: Path | None = None) -> Config:
             ctx.err(key if key in ("state_dir", "weights_dir") else f"folders.{key}",
                     f"cannot exist: {bad} is not a directory")
     w = sec["web"]
-    if w["listen"] and not w["insecure_remote"] and not is_loopback(split_listen(w["listen"])[0]):
-        ctx.err("web.listen", f"{w['listen']} is not a loopback address: the page has no TLS; put a TLS proxy in"
-                " front of a loopback listen address, or set web.insecure_remote: true")
+    if (w["tls_cert"] is None) != (w["tls_key"] is None):
+        ctx.err("web.tls_key" if w["tls_key"] is None else "web.tls_cert",
+                "web.tls_cert and web.tls_key go together: set both (HTTPS) or neither (plain HTTP)")
+    tls = w["tls_cert"] is not None and w["tls_key"] is not None
+    if w["listen"] and not w["insecure_remote"] and not tls and not is_loopback(split_listen(w["listen"])[0]):
+        ctx.err("web.listen", f"{w['listen']} is not a loopback address and the page has no TLS: set web.tls_cert"
+                " and web.tls_key, or put a TLS proxy in front of a loopback address, or set"
+                " web.insecure_remote: true")
     if ctx.problems:
         raise ConfigError(ctx.problems, str(path or ""))
     return Config(

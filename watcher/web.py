@@ -8,14 +8,21 @@ daemon) and the folders through `safefs` (no link followed). State changes (retr
 enqueue-now) go through `watcher.control` and the queue's API exactly as the CLI verbs do; the daemon carries
 them out.
 
-Security: loopback by default (another address needs `web.insecure_remote: true`); requests whose
-Host is not the listen address are refused (DNS rebinding). GET never changes anything. A POST
+Security: loopback by default (another address needs TLS — `web.tls_cert` + `web.tls_key` — or
+`web.insecure_remote: true`); requests whose Host is not the listen address are refused (DNS
+rebinding). Plain HTTP is served by waitress; HTTPS by cheroot (threaded WSGI server with the
+standard library's ssl; TLS 1.2 at least; the session cookie is then `Secure`). cheroot does the
+TLS handshake on its accepting thread, bounded by TLS_TIMEOUT_S: a client that stalls a handshake
+delays new connections by at most that long. GET never changes anything. A POST
 needs the token from `state_dir/web.token` — as `Authorization: Bearer TOKEN`, or the HttpOnly
 SameSite=Strict cookie the page gets for `?token=TOKEN` — plus an `X-CSRF-Token` header (for the
 cookie: equal to the `pe_csrf` cookie; for Bearer: any non-empty value). Missing or wrong
 credentials → 401, a missing CSRF header → 403, too many wrong tokens from one address → 429.
 Images are only served by job id as re-encoded thumbnails/previews/crops made here into a bounded
-LRU cache in `state_dir/web-cache/`; never a raw file, never a path in a URL.
+LRU cache in `state_dir/web-cache/`; never a path in a URL. The raw files are offered for download
+by job id only (`/jobs/{id}/files/result|sidecar|original`): the result in outbox/, its sidecar, the
+original only from failed/ or archive/ (never from the inbox), each opened through safefs (no link
+followed) and checked against what the queue recorded (size and sha256) before a byte is sent.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import ssl
 import threading
 import time
 from collections import deque
@@ -62,6 +70,10 @@ ENQUEUE_MAX = 50                 # paths (and again paths_b64) in one POST /api/
 ENQUEUE_OK = ("queued", "active", "busy")     # intake outcomes that mean "it is (or will be) queued"
 MAX_ID = 2 ** 63 - 1
 THREADS = 6
+TLS_TIMEOUT_S = 10               # cheroot: socket timeout, the TLS handshake included
+CHUNK = 256 << 10                # downloads are streamed in chunks of this size
+SIDECAR_MAX = 2 << 20
+FILE_KINDS = ("result", "sidecar", "original")
 _STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _CTYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
            ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -105,6 +117,107 @@ def load_token(state_dir: Path) -> str:
         os.close(fd)
     log.info("web.token_created", path=str(path))
     return token
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+class TLSProblem(ValueError):
+    """web.tls_cert / web.tls_key cannot serve HTTPS; `key` names the config key at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _read_pem(path: Path, key: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise TLSProblem(key, f"{path}: cannot read it: {exc.strerror}") from None
+    try:
+        if not (os.fstat(fd).st_mode & 0o170000 == 0o100000):
+            raise TLSProblem(key, f"{path}: not a regular file")
+        return safefs.read_fd(fd, 1 << 20).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context (TLS 1.2 at least) for the PEM certificate chain and its PEM key; raises
+    TLSProblem naming the key at fault: unreadable, not PEM, an encrypted key, or a key that does
+    not match the certificate."""
+    cert_pem, key_pem = _read_pem(cert, "web.tls_cert"), _read_pem(key, "web.tls_key")
+    if "-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise TLSProblem("web.tls_cert", f"{cert}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
+    if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_pem):
+        raise TLSProblem("web.tls_key", f"{key}: no PEM private key in it (-----BEGIN … PRIVATE KEY-----)")
+    asked = []
+
+    def password() -> bytes:
+        asked.append(1)
+        return b""
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=password)
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}".upper()
+        if "KEY_VALUES_MISMATCH" in text:
+            raise TLSProblem("web.tls_key", f"{key} does not match the certificate in {cert}") from None
+        if asked or "ENCRYPTED" in key_pem.upper():
+            raise TLSProblem("web.tls_key", f"{key} is encrypted: give an unencrypted key (readable only by"
+                             " the web process's user)") from None
+        raise TLSProblem("web.tls_cert", f"{cert} and {key} do not load: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise TLSProblem("web.tls_cert", f"{cert}: {exc.strerror or exc}") from None
+    return ctx
+
+
+def tls_problem(cfg: Config) -> str | None:
+    """check-config's check: None when TLS is off or its files load, else 'web.tls_…: why'."""
+    if cfg.web.tls_cert is None or cfg.web.tls_key is None:
+        return None
+    try:
+        tls_context(cfg.web.tls_cert, cfg.web.tls_key)
+    except TLSProblem as exc:
+        return str(exc)
+    return None
+
+
+# --- a file sent in chunks -------------------------------------------------------------------------
+
+class FileBody:
+    """Exactly `length` bytes of an open regular file, read in CHUNK pieces as the server sends
+    them (never the whole file in memory); the descriptor is closed by close() (WSGI) or at the end."""
+
+    def __init__(self, fd: int, length: int):
+        self.fd, self.length = fd, length
+
+    def __iter__(self):
+        pos = 0
+        try:
+            while pos < self.length:
+                b = os.pread(self.fd, min(CHUNK, self.length - pos), pos)
+                if not b:                      # shrank meanwhile: the server drops the connection
+                    break
+                pos += len(b)
+                yield b
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def content_disposition(name: str) -> str:
+    """`attachment` with the name as RFC 6266/5987 `filename*` (UTF-8 of its escaped display form,
+    percent-encoded: never a raw byte, newline or quote in the header) and a plain ASCII fallback."""
+    shown = names.display(name) or "download"
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\%;' else "_" for c in shown)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(shown.encode('utf-8'), safe='')}"
 
 
 # --- the preview cache ---------------------------------------------------------------------------
@@ -194,6 +307,8 @@ class Images:
         self.cache = cache
         self.max_pixels = int(max(cfg.enhance.max_input_megapixels, cfg.enhance.max_output_megapixels) * 1e6)
         self._sem = threading.Semaphore(2)      # at most two full decodes at once (memory)
+        self._hashed: dict[tuple, str] = {}     # (dev, ino, size, mtime_ns, ctime_ns) → sha256 seen
+        self._hashed_lock = threading.Lock()
         _heif()
 
     def source(self, job: Job, which: str) -> tuple[Path, str, os.stat_result] | None:
@@ -335,6 +450,95 @@ class Images:
             return None
         return doc if isinstance(doc, dict) else None
 
+    # --- the files themselves (downloads) ------------------------------------------------------
+
+    def _sha256(self, fd: int, st: os.stat_result) -> str:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._hashed_lock:
+            known = self._hashed.get(key)
+        if known is not None:
+            return known
+        h, pos = hashlib.sha256(), 0
+        while True:
+            b = os.pread(fd, CHUNK * 4, pos)
+            if not b:
+                break
+            h.update(b)
+            pos += len(b)
+        digest = h.hexdigest()
+        with self._hashed_lock:
+            if len(self._hashed) > 4096:
+                self._hashed.clear()
+            self._hashed[key] = digest
+        return digest
+
+    def _open_checked(self, root: Path, rel: str, size: int | None, sha: str | None) -> tuple[int, os.stat_result]:
+        """An open descriptor on root/rel (safefs: no link followed, regular files only) whose size
+        and sha256 are the recorded ones (None: not recorded, not checked); OSError otherwise."""
+        with safefs.dir_of(root, rel) as (dfd, name):
+            f, st = safefs.open_read_at(dfd, name)
+        try:
+            if size is not None and st.st_size != size:
+                raise OSError(f"{rel}: {st.st_size} bytes, the job recorded {size}")
+            if isinstance(sha, str) and len(sha) == 64 and self._sha256(f, st) != sha.lower():
+                raise OSError(f"{rel}: not the file the job recorded (sha256 differs)")
+            return f, st
+        except BaseException:
+            os.close(f)
+            raise
+
+    def has_file(self, job: Job, kind: str) -> bool:
+        """Whether download(job, kind) finds its file (the page links only these)."""
+        try:
+            got = self.download(job, kind)[0]
+        except NoImage:
+            return False
+        if isinstance(got, int):
+            os.close(got)
+        return True
+
+    def download(self, job: Job, kind: str) -> tuple[int | bytes, int, str, str]:
+        """(open descriptor or the bytes, length, file name, content type) of one of the job's files:
+        `result` (outbox/, done jobs), `sidecar` (beside the result, or beside the original in
+        failed/), `original` (failed/, or archive/ for done jobs — never the inbox). Each is checked
+        against the queue's record (size, sha256; a sidecar must name this job). NoImage when there
+        is no such file, it was replaced, or it is not below the folder it belongs in."""
+        f = self.cfg.folders
+        out = job.outputs[0] if job.outputs and isinstance(job.outputs[0], dict) else {}
+        recorded = out.get("path") if isinstance(out.get("path"), str) else None
+        want_root = {"done": f.outbox, "failed": f.failed}.get(job.state)
+        try:
+            if kind == "result" and job.state == "done" and recorded:
+                root, rel = self._locate(recorded)
+                size = out.get("bytes") if isinstance(out.get("bytes"), int) else None
+                if root is not None and root == f.outbox:
+                    fd, st = self._open_checked(root, rel, size, out.get("sha256"))
+                    return fd, st.st_size, rel.rpartition("/")[2], "application/octet-stream"
+            elif kind == "sidecar" and want_root is not None and recorded:
+                root, rel = self._locate(recorded + ".json")
+                if root is not None and root == want_root:
+                    fd, st = self._open_checked(root, rel, None, None)
+                    try:
+                        data = safefs.read_fd(fd, SIDECAR_MAX)
+                    finally:
+                        os.close(fd)
+                    doc = json.loads(data) if len(data) <= SIDECAR_MAX else None
+                    if isinstance(doc, dict) and doc.get("job") == job.id:
+                        return data, len(data), rel.rpartition("/")[2], "application/json"
+            elif kind == "original" and job.state == "failed" and recorded:
+                root, rel = self._locate(recorded)
+                if root is not None and root == f.failed:
+                    fd, st = self._open_checked(root, rel, job.size, job.sha256)
+                    return fd, st.st_size, rel.rpartition("/")[2], "application/octet-stream"
+            elif kind == "original" and job.state == "done" and f.archive is not None:
+                src = self.source(job, "before")          # archive/ only for done jobs; size checked
+                if src is not None and src[0] == f.archive:
+                    fd, st = self._open_checked(src[0], src[1], job.size, job.sha256)
+                    return fd, st.st_size, src[1].rpartition("/")[2], "application/octet-stream"
+        except (OSError, ValueError) as exc:
+            log.info("web.download_refused", job=job.id, kind=kind, why=names.safe(str(exc)))
+        raise NoImage(f"no {kind} file for job {job.id}")
+
 
 # --- metrics -----------------------------------------------------------------------------------
 
@@ -419,9 +623,10 @@ _REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized"
 class WebApp:
     """The WSGI application. One instance per process; safe for waitress's worker threads."""
 
-    def __init__(self, cfg: Config, token: str, listen_host: str = "127.0.0.1"):
+    def __init__(self, cfg: Config, token: str, listen_host: str = "127.0.0.1", tls: bool = False):
         self.cfg = cfg
         self.token = token
+        self.tls = tls
         self.session = hmac.new(token.encode(), b"photoenhanced-session", "sha256").hexdigest()
         self.csrf = hmac.new(token.encode(), b"photoenhanced-csrf", "sha256").hexdigest()
         self.loopback_only = is_loopback(listen_host)
@@ -434,6 +639,7 @@ class WebApp:
         self.routes: list[tuple[str, re.Pattern, Callable, bool]] = [
             ("GET", re.compile(r"/"), self.page_dashboard, False),
             ("GET", re.compile(r"/jobs/(\d{1,18})"), self.page_job, False),
+            ("GET", re.compile(r"/jobs/(\d{1,18})/files/(result|sidecar|original)"), self.download, False),
             ("GET", re.compile(r"/static/([^/]+)"), self.static, False),
             ("GET", re.compile(r"/api/status"), self.api_status, False),
             ("GET", re.compile(r"/api/jobs"), self.api_jobs, False),
@@ -518,12 +724,18 @@ class WebApp:
             log.exception("web.error", method=method, path=names.safe(path))
             status, ctype, extra = 500, "application/json", []
             body = json.dumps({"error": "internal error (see the web process's log)", "status": 500}).encode()
-        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), *_SEC_HEADERS, *extra]
+        size = body.length if isinstance(body, FileBody) else len(body)
+        headers = [("Content-Type", ctype), ("Content-Length", str(size)), *_SEC_HEADERS, *extra]
         if not any(h[0] == "Cache-Control" for h in extra):
             headers.append(("Cache-Control", "no-store"))
         start_response(f"{status} {_REASONS.get(status, 'Unknown')}", headers)
         log.debug("web.request", method=method, path=names.safe(path), status=status,
                   ms=round((time.perf_counter() - t0) * 1000, 1))
+        if isinstance(body, FileBody):
+            if method != "HEAD":
+                return body                   # streamed; the server calls close()
+            body.close()
+            return [b""]
         return [b"" if method == "HEAD" else body]
 
     def _check_host(self, environ) -> None:
@@ -609,7 +821,7 @@ class WebApp:
                 raise HTTPError(429, "too many wrong tokens; wait a minute", [("Retry-After", str(int(AUTH_WINDOW_S)))])
             where = quote(environ.get("PATH_INFO", "/"))
             if hmac.compare_digest(query["token"].encode(), self.token.encode()):
-                attrs = "Path=/; SameSite=Strict"
+                attrs = "Path=/; SameSite=Strict" + ("; Secure" if self.tls else "")
                 return 303, "text/plain", b"", [
                     ("Location", where),
                     ("Set-Cookie", f"pe_session={self.session}; {attrs}; HttpOnly"),
@@ -692,6 +904,7 @@ class WebApp:
         sidecar = self.images.sidecar(job)
         doc["sidecar"] = names.encodable(sidecar) if sidecar is not None else None
         doc["images"] = {w: self.images.source(job, w) is not None for w in ("before", "after")}
+        doc["files"] = {k: self.images.has_file(job, k) for k in FILE_KINDS}
         return self._json(doc)
 
     def api_image(self, environ, job_id: str) -> tuple:
@@ -715,6 +928,20 @@ class WebApp:
         except OSError:
             raise HTTPError(404, f"no {which} image") from None
         return 200, "image/jpeg", body, [("Cache-Control", "private, max-age=60")]
+
+    def download(self, environ, job_id: str, kind: str) -> tuple:
+        """GET /jobs/{id}/files/{result|sidecar|original}: the file itself, as an attachment."""
+        if self._query(environ):
+            raise HTTPError(400, "this URL takes no parameters")
+        job = self._job(job_id)
+        try:
+            got, length, name, ctype = self.images.download(job, kind)
+        except NoImage as exc:
+            raise HTTPError(404, str(exc)) from None
+        body = FileBody(got, length) if isinstance(got, int) else got
+        log.info("web.download", job=job.id, kind=kind, bytes=length)
+        return 200, ctype, body, [("Content-Disposition", content_disposition(name)),
+                                  ("Cache-Control", "private, no-store")]
 
     def _write(self, fn: Callable[[Queue], dict]) -> dict:
         with self._write_lock:
@@ -901,7 +1128,9 @@ def openapi() -> dict:
                     "allOf": [job, {"type": "object", "required": ["sidecar", "images"], "properties": {
                         "sidecar": {"type": "object", "nullable": True},
                         "images": {"type": "object", "properties": {"before": {"type": "boolean"},
-                                                                    "after": {"type": "boolean"}}}}}]}}}},
+                                                                    "after": {"type": "boolean"}}},
+                        "files": {"type": "object", "description": "which of /jobs/{id}/files/… exist",
+                                  "properties": {k: {"type": "boolean"} for k in FILE_KINDS}}}}]}}}},
                               "404": err, "503": err}}},
             "/api/jobs/{id}/image": {"get": {
                 "summary": "a re-encoded JPEG of the original (before) or the result (after)",
@@ -913,6 +1142,17 @@ def openapi() -> dict:
                                {"name": "y", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1}}],
                 "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {
                     "schema": {"type": "string", "format": "binary"}}}}, "400": err, "404": err, "503": err}}},
+            "/jobs/{id}/files/{kind}": {"get": {
+                "summary": "download one of the job's files: its result (outbox), its sidecar, or its original"
+                           " (only from failed/ or archive/, never from the inbox)",
+                "description": "Served by job id only, as an attachment; the file must be the one the queue"
+                               " recorded (size, sha256) and no link is followed: 404 otherwise.",
+                "parameters": [job_id, {"name": "kind", "in": "path", "required": True,
+                                        "schema": {"type": "string", "enum": list(FILE_KINDS)}}],
+                "responses": {"200": {"description": "the file (Content-Disposition: attachment)", "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "application/json": {"schema": {"type": "object"}}}},
+                    "400": err, "404": err, "503": err}}},
             "/api/jobs/{id}/retry": {"post": {
                 "summary": "put a failed job back (as `photoenhanced retry ID`)", "parameters": [job_id],
                 "security": auth,
@@ -962,7 +1202,6 @@ def openapi() -> dict:
 
 def serve(cfg: Config, listen: str | None = None, log_format: str | None = None, environ=os.environ) -> int:
     """`photoenhanced web`: serve until SIGTERM/SIGINT. Prints the URL with the token once."""
-    from waitress.server import create_server
     from . import logs
     from .logs import say
     from .notify import Notifier
@@ -973,32 +1212,38 @@ def serve(cfg: Config, listen: str | None = None, log_format: str | None = None,
     except ValueError as exc:
         say(f"photoenhanced: --listen {exc}")
         return EX_USAGE
-    if not is_loopback(host) and not cfg.web.insecure_remote:
-        say(f"photoenhanced: {listen} is not a loopback address: the page has no TLS; put a TLS proxy in front of"
-            " a loopback address, or set web.insecure_remote: true in the config")
+    tls = None
+    if cfg.web.tls_cert is not None and cfg.web.tls_key is not None:
+        try:
+            tls = tls_context(cfg.web.tls_cert, cfg.web.tls_key)
+        except TLSProblem as exc:
+            say(f"photoenhanced: bad config {cfg.path}: {exc}")
+            return EX_CONFIG
+    if not is_loopback(host) and not cfg.web.insecure_remote and tls is None:
+        say(f"photoenhanced: {listen} is not a loopback address and the page has no TLS: set web.tls_cert and"
+            " web.tls_key, put a TLS proxy in front of a loopback address, or set web.insecure_remote: true")
         return EX_USAGE if given else EX_CONFIG
     logs.configure(log_format or cfg.log.format, cfg.log.level)
     try:
         token = load_token(cfg.state_dir)
-        app = WebApp(cfg, token, host)
+        app = WebApp(cfg, token, host, tls=tls is not None)
     except (OSError, ValueError) as exc:
         say(f"photoenhanced: state_dir {cfg.state_dir}: {getattr(exc, 'strerror', None) or exc}")
         return EX_RUNTIME
     try:
-        server = create_server(app, host=host, port=port, threads=THREADS, channel_timeout=30,
-                               max_request_body_size=MAX_BODY, max_request_header_size=MAX_HEADERS,
-                               connection_limit=64, ident="photoenhanced", expose_tracebacks=False,
-                               clear_untrusted_proxy_headers=True)
+        server, port, run, close = (_https_server if tls else _http_server)(app, host, port, tls)
     except OSError as exc:
-        say(f"photoenhanced: cannot listen on {listen}: {exc.strerror}")
+        say(f"photoenhanced: cannot listen on {listen}: {exc.strerror or exc}")
         return EX_RUNTIME
-    port = getattr(server, "effective_port", port)
+    except ImportError as exc:            # an install without cheroot (HTTPS) or waitress
+        say(f"photoenhanced: {exc.name or exc} is missing: install with scripts/setup (requirements.lock)")
+        return EX_RUNTIME
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/"
+    url = f"{'https' if tls else 'http'}://{shown}:{port}/"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread = threading.Thread(target=run, name="http-server", daemon=True)
     thread.start()
     log.info("web.listening", url=url, state_dir=str(cfg.state_dir), pid=os.getpid())
     say(f"photoenhanced web: {url}?token={token}")
@@ -1010,6 +1255,42 @@ def serve(cfg: Config, listen: str | None = None, log_format: str | None = None,
             log.error("web.server_died")
             return EX_RUNTIME
     notifier.stopping()
-    server.close()
+    close()
     log.info("web.stopped")
     return EX_OK
+
+
+def _http_server(app: WebApp, host: str, port: int, tls: None):
+    """Plain HTTP: waitress (its event loop holds slow clients, the THREADS workers run the app)."""
+    from waitress.server import create_server
+    server = create_server(app, host=host, port=port, threads=THREADS, channel_timeout=30,
+                           max_request_body_size=MAX_BODY, max_request_header_size=MAX_HEADERS,
+                           connection_limit=64, ident="photoenhanced", expose_tracebacks=False,
+                           clear_untrusted_proxy_headers=True)
+    return server, getattr(server, "effective_port", port), server.run, server.close
+
+
+def _https_server(app: WebApp, host: str, port: int, tls: ssl.SSLContext):
+    """HTTPS: cheroot's threaded WSGI server with the standard library's ssl (waitress has no TLS),
+    with the same bounds: THREADS workers, request header and body sizes, a socket timeout."""
+    from cheroot import wsgi
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+    class Adapter(BuiltinSSLAdapter):
+        def __init__(self, context: ssl.SSLContext):      # the checked context; no files re-read
+            self.certificate = self.private_key = self.certificate_chain = self.ciphers = None
+            self.private_key_password = None
+            self._server_env = {}
+            self.context = context
+
+    server = wsgi.Server((host, port), app, numthreads=THREADS, max=THREADS, server_name="photoenhanced",
+                         timeout=TLS_TIMEOUT_S, shutdown_timeout=5, request_queue_size=64)
+    server.max_request_header_size = MAX_HEADERS
+    server.max_request_body_size = MAX_BODY
+    server.ssl_adapter = Adapter(tls)
+
+    def error_log(msg="", level=20, traceback=False):
+        log.info("web.server", message=names.safe(str(msg))[:300])
+    server.error_log = error_log
+    server.prepare()                      # binds now: errors here, the OS's port known
+    return server, server.bind_addr[1], server.serve, server.stop

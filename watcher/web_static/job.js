@@ -100,6 +100,14 @@
     for (const o of j.outputs || []) fact(dl, j.state === "failed" ? "original (failed/)" : "result file", o.path);
     if (j.outputs && j.outputs[0]) fact(dl, "sidecar file", `${j.outputs[0].path}.json`);
     $("sidecar").textContent = j.sidecar ? JSON.stringify(j.sidecar, null, 2) : "no sidecar yet";
+    // downloads by job id only (the server finds and checks the file; no path in the URL)
+    const labels = { result: "result", sidecar: "sidecar (JSON)",
+                     original: j.state === "failed" ? "original (failed/)" : "original (archive/)" };
+    const links = Object.keys(labels).filter((k) => j.files && j.files[k]).map((k) =>
+      PE.el("a", { href: `/jobs/${id}/files/${k}`, download: "", class: "file", "data-kind": k,
+                   text: `download ${labels[k]}` }));
+    $("files").replaceChildren(...links.flatMap((a, i) => (i ? [" · ", a] : [a])));
+    $("files").hidden = !links.length;
     const missing = ["before", "after"].filter((w) => !j.images[w]);
     $("noimg").hidden = !missing.length;
     $("noimg").textContent = missing.length ? `no ${missing.join(" or ")} image (` +
