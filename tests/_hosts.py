@@ -2,9 +2,10 @@
 PostgreSQL queue, each with its own state_dir (so its own host id and temp sub-folder).
 
 Each host runs in its own network namespace, joined to the test's namespace (which holds the
-PostgreSQL cluster) by a veth pair: 10.213.N.2 (host) ↔ 10.213.N.1 (PostgreSQL's side). A network
-cut is `ip link set <veth> down` on PostgreSQL's side; the folders stay visible (the namespaces
-share the mount namespace, as hosts share an NFS/SMB mount). Where namespaces cannot be made (no
+PostgreSQL cluster) by a veth pair: 10.X.N.2 (host) ↔ 10.X.N.1 (PostgreSQL's side, X per test process). A network
+cut is `ip link set <veth> down` on PostgreSQL's side. The folders are either one local folder all
+namespaces see (they share the mount namespace), or an SMB share that each host mounts itself over
+its veth (tests/_smbhosts.py), so that a cut takes its share away too. Where namespaces cannot be made (no
 root, no `ip`), hosts run on loopback and a "cut" is SIGSTOP/SIGCONT of the daemon (the same
 silence as seen from the queue: its lease expires, its late writes are fenced off).
 """
@@ -34,6 +35,10 @@ class Net:
     def __init__(self, n: int):
         self.n = n
         self.tag = f"{os.getpid() % 10000:04d}"
+        # a /16 of its own per test process: two runs at once (two engineers, two sessions) must not
+        # route each other's 10.x.N.1 addresses (nor share smbd's port-445 addresses)
+        self.net16 = 100 + os.getpid() % 150
+        self.cidr = f"10.{self.net16}.0.0/16"
         self.namespaces: list[str] = []
         self.netns = False
         self.why = ""
@@ -44,9 +49,9 @@ class Net:
                 self.namespaces.append(ns)
                 _ip("link", "add", vr, "type", "veth", "peer", "name", vn)
                 _ip("link", "set", vn, "netns", ns)
-                _ip("addr", "add", f"10.213.{i}.1/24", "dev", vr)
+                _ip("addr", "add", f"10.{self.net16}.{i}.1/24", "dev", vr)
                 _ip("link", "set", vr, "up")
-                _ip("-n", ns, "addr", "add", f"10.213.{i}.2/24", "dev", vn)
+                _ip("-n", ns, "addr", "add", f"10.{self.net16}.{i}.2/24", "dev", vn)
                 _ip("-n", ns, "link", "set", vn, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
             self.netns = True
@@ -55,7 +60,10 @@ class Net:
             self.close()
 
     def db_host(self, i: int) -> str:
-        return f"10.213.{i}.1" if self.netns else "127.0.0.1"
+        return f"10.{self.net16}.{i}.1" if self.netns else "127.0.0.1"
+
+    def ns(self, i: int) -> str:
+        return self.namespaces[i - 1]
 
     def prefix(self, i: int) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[i - 1]] if self.netns else []
@@ -78,20 +86,25 @@ class Net:
         self.namespaces = []
 
 
-def host_config(base: Path, i: int, url: str, lease_s: float, **jobs) -> Path:
+def host_config(base: Path, i: int, url: str, lease_s: float, folders: Path | None = None,
+                watch: dict | None = None, **jobs) -> Path:
+    """Host i's config under base/host{i}: its own state_dir (local), the shared folders under
+    `folders` (default: base itself; e.g. this host's SMB mount of the share)."""
     d = base / f"host{i}"
     d.mkdir(parents=True, exist_ok=True)
+    folders = folders or base
     cfg = {
-        "folders": {k: str(base / k) for k in ("inbox", "outbox", "failed", "archive")},
+        "folders": {k: str(folders / k) for k in ("inbox", "outbox", "failed", "archive")},
         "state_dir": str(d / "state"),
         "weights_dir": str(d / "weights"),
-        "watch": {"mode": "events", "settle_seconds": 0.3, "rescan_interval": 2, "poll_interval": 0.3},
+        "watch": {"mode": "events", "settle_seconds": 0.3, "rescan_interval": 2, "poll_interval": 0.3,
+                  **(watch or {})},
         "enhance": {"profile": "upscale", "upscale": 2},
         "jobs": {"max_attempts": 3, "backoff_seconds": [0.2], "stop_timeout": 5, "max_interruptions": 1000,
                  **jobs},
         "queue": {"url": url, "lease_seconds": lease_s},
     }
-    (base / "inbox").mkdir(exist_ok=True)
+    (folders / "inbox").mkdir(exist_ok=True)
     path = d / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -4,8 +4,15 @@ than the lease (then restored: its late publish must be fenced off), a PostgreSQ
 end every dropped file is in exactly one of outbox/failed, exactly once (tests/_invariants.check),
 the queue agrees, no temp file is left.
 
-Default run: one short campaign (3 hosts, ~24 files, 1 kill, 1 cut, 1 restart).
-`scripts/test -m slow tests/test_multihost.py`: the long one (MULTIHOST_FILES, default 300).
+The same campaign runs "once through the Samba rig": the shared folders are an SMB share served
+by one smbd beside PostgreSQL and mounted by each host itself from inside its network namespace
+(tests/_smbhosts.py), so a cut takes that host's share away as well as its queue; the daemons see
+no inotify events there and poll (watch.mode auto → poll), and hard links are refused.
+
+Default run: one short campaign on a local folder (3 hosts, ~24 files, 1 kill, 1 cut, 1 restart)
+and one on the SMB share (3 hosts, 15 files, the same faults).
+`scripts/test -m slow tests/test_multihost.py`: the long ones (MULTIHOST_FILES, default 300 local,
+MULTIHOST_SMB_FILES, default 120 on SMB).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import _smbhosts
 from _hosts import Host, Net, host_config
 from _invariants import Cand, check, drop, ended, image_bytes, sha, walk
 from _pg import pg_cluster  # noqa: F401  (fixture)
@@ -37,13 +45,28 @@ def _working(h: Host, timeout: float = 30) -> None:
 
 
 def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int = 1, lease: float = 3.0,
-             delay: float = 0.3, seed: int = 1) -> dict:
+             delay: float = 0.3, seed: int = 1, share: str = "local") -> dict:
+    """share: "local" (one folder all hosts see) or "smb" (each host mounts the SMB share over its
+    veth; the files are dropped and checked on the server's side of the share)."""
     from watcher.pgqueue import PgQueue, migrate
     rng = random.Random(seed)
     net = Net(hosts)
+    smb = None
     try:
+        base, mounts, watch = tmp_path, {}, None
+        if share == "smb":
+            why = _smbhosts.missing() or (None if net.netns else f"no network namespaces: {net.why.strip()}")
+            if why:
+                pytest.skip(f"SMB hosts: {why}")
+            smb = _smbhosts.SmbShare.start(tmp_path / "smb", [net.db_host(i) for i in range(1, hosts + 1)])
+            base = smb.share_dir
+            for k in ("inbox", "outbox", "failed", "archive"):
+                (base / k).mkdir()
+            mounts = {i: smb.mount(i, net.ns(i), net.db_host(i)) for i in range(1, hosts + 1)}
+            # no inotify events on the mount: auto resolves to poll; a listing per poll (FUSE)
+            watch = {"mode": "auto", "settle_seconds": 0.5, "poll_interval": 0.3, "rescan_interval": 5}
         if net.netns:
-            pg.allow("10.213.0.0/16")
+            pg.allow(net.cidr)
             pg._as_pg("pg_ctl", "-D", str(pg.data), "reload")
         db = f"mh{seed}_{os.getpid()}"
         url = pg.createdb(db)
@@ -52,13 +75,17 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
         # sure to come back with a result in hand and try to record it: that write must be fenced off
         cut = rng.randrange(hosts)
         slow = lease * 3.5
-        hs = [Host(i, host_config(tmp_path, i, f"postgresql://postgres@{net.db_host(i)}:{pg.port}/{db}", lease),
+        hs = [Host(i, host_config(tmp_path, i, f"postgresql://postgres@{net.db_host(i)}:{pg.port}/{db}", lease,
+                                  folders=mounts.get(i), watch=watch),
                    net.prefix(i), env={"FAKE_DELAY": str(slow if i == cut + 1 else delay)})
               for i in range(1, hosts + 1)]
         for h in hs:
             h.wait_event("daemon.ready", 60)
+        if share == "smb":
+            modes = {h.wait_event("discover.started", 30).get("mode") for h in hs}
+            assert modes == {"poll"}, modes
         expected: dict[str, Cand] = {}
-        inbox = tmp_path / "inbox"
+        inbox = base / "inbox"
         n = 0
 
         def drop_some(k: int) -> None:
@@ -77,7 +104,8 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
         for r in range(rounds):
             victim = rng.choice([i for i in range(hosts) if i != cut])
             drop_some(per_round)
-            hs[cut].wait_event("job.started", 60, after=seen_starts)   # mid-job (its photos are slow)
+            # mid-job (its photos are slow; on SMB its first share operation during the last cut hung ~20 s)
+            hs[cut].wait_event("job.started", 60 if share == "local" else 180, after=seen_starts)
             net.cut(cut + 1, hs[cut])                          # cut for longer than the lease …
             faults["cuts"] += 1
             t_cut = time.monotonic()
@@ -98,7 +126,7 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
 
         def settled() -> bool:
             left = [e for e in walk(inbox) if e.data is not None and sha(e.data) in shas]
-            return not left and shas <= ended(tmp_path)
+            return not left and shas <= ended(base)
         _wait(settled, 180, "every file settled in outbox/ or failed/", every=0.3)
         # the cut host is still inside the slow photo it held when it was cut: let it reach its next
         # recorded step, where the stale token is refused (it must not publish late)
@@ -106,7 +134,7 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
               "the cut host's late step refused", every=0.3)
         codes = [h.stop() for h in hs]
         assert codes == [0] * hosts, codes
-        report = check(tmp_path, expected)
+        report = check(base, expected)
         q = PgQueue(url)
         try:
             counts = q.counts()
@@ -118,7 +146,7 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
         assert counts["done"] == sum(1 for c in expected.values() if c.expect == "done")
         assert counts["failed"] == sum(1 for c in expected.values() if c.expect == "failed")
         assert len(host_rows) == hosts and all(h["state"] == "stopped" for h in host_rows)
-        return {"hosts": hosts, "netns": net.netns, "why_not_netns": net.why.strip(), **faults,
+        return {"share": share, "hosts": hosts, "netns": net.netns, "why_not_netns": net.why.strip(), **faults,
                 "files": len(expected), "done": report.outcomes["done"], "failed": report.outcomes["failed"],
                 "lost": report.lost, "duplicated": report.duplicated,
                 "fenced": sum(len(h.events("job.lease_lost")) for h in hs),
@@ -127,10 +155,13 @@ def campaign(tmp_path: Path, pg, *, hosts: int = 3, files: int = 24, rounds: int
                 "stopped_unreachable": len(hs[cut].events("state_dir.unusable")),
                 "leases_expired": sum(len(h.events("queue.lease_expired")) for h in hs),
                 "interrupted_jobs": sum(1 for j in jobs if j.interruptions),
+                "waited_for_queue": sum(len(h.events("queue.waiting")) for h in hs),
                 "by_host": {h.i: len(h.events("job.done")) for h in hs}}
     finally:
         for h in locals().get("hs", []):
             h.kill()
+        if smb is not None:
+            smb.stop()
         net.close()
 
 
@@ -149,5 +180,26 @@ def test_three_hosts_kill_cut_and_postgres_restart(tmp_path, pg_cluster):
 def test_three_hosts_long_campaign(tmp_path, pg_cluster):
     files = int(os.environ.get("MULTIHOST_FILES", 300))
     result = campaign(tmp_path, pg_cluster, hosts=3, files=files, rounds=max(1, files // 60), seed=2, delay=0.1)
+    print(f"multi-host campaign: {result}")
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["fenced"] >= 1
+
+
+@pytest.mark.share
+def test_three_hosts_on_an_smb_share_kill_cut_and_postgres_restart(tmp_path, pg_cluster):
+    result = campaign(tmp_path, pg_cluster, hosts=3, files=15, rounds=1, seed=3, share="smb")
+    print(f"multi-host campaign: {result}")
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert result["kills"] == 1 and result["cuts"] == 1 and result["pg_restarts"] == 1
+    assert result["fenced"] + result["stopped_unreachable"] >= 1
+    assert result["leases_expired"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.share
+@pytest.mark.timeout(1800)
+def test_three_hosts_on_an_smb_share_long_campaign(tmp_path, pg_cluster):
+    files = int(os.environ.get("MULTIHOST_SMB_FILES", 120))
+    result = campaign(tmp_path, pg_cluster, hosts=3, files=files, rounds=max(1, files // 40), seed=4, delay=0.1,
+                      share="smb")
     print(f"multi-host campaign: {result}")
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["fenced"] >= 1

@@ -13,7 +13,9 @@ same exceptions, plus:
   heartbeat) is recorded only while the token is still the job's current one — else `LeaseLost`
   and nothing changes.
 * **hosts**: each daemon registers (id from `state_dir/host-id`, host name, pid, version); its
-  status row doubles as its heartbeat; `hosts()` lists them for `photoenhanced status`.
+  status row doubles as its heartbeat; `hosts()` lists them for `photoenhanced status`;
+  `prune_hosts()` removes rows of hosts silent for HOSTS_KEEP_S, or gone (stopped or silent) for
+  HOSTS_GONE_S while holding no lease (done at registration, and from the status row now and then).
 
 SQLite keeps its lease/host bookkeeping in side tables created idempotently (`CREATE TABLE IF NOT
 EXISTS`), outside the user_version chain of watcher.queue. Credentials never reach a log line:
@@ -41,6 +43,8 @@ from .queue import Job, Queue, _guarded, move_aside
 log = structlog.get_logger(__name__)
 
 DEFAULT_LEASE_S = 60.0
+HOSTS_KEEP_S = 7 * 86400.0       # a host row silent this long is removed, whatever it holds
+HOSTS_GONE_S = 86400.0           # a host gone (stopped, or silent) this long and holding no lease: removed
 HOST_ID_FILE = "host-id"
 
 
@@ -171,15 +175,18 @@ def _settings(cfg) -> tuple[str | None, float]:
     return getattr(qs, "url", None), float(getattr(qs, "lease_seconds", DEFAULT_LEASE_S) or DEFAULT_LEASE_S)
 
 
-def connect(cfg, *, daemon: bool = False, readonly: bool = False, url: str | None = None):
+def connect(cfg, *, daemon: bool = False, readonly: bool = False, url: str | None = None,
+            on_wait: Callable[[], None] | None = None):
     """The queue `cfg` names (or `url`). `daemon`: this process is the daemon: register it as a
-    host (its id from state_dir). StateUnavailable when the storage or server cannot be used now."""
+    host (its id from state_dir). `on_wait`: called while a job in hand waits for an unreachable
+    PostgreSQL (the worker's watchdog ping). StateUnavailable when the storage or server cannot be
+    used now."""
     cfg_url, lease_s = _settings(cfg)
     url = url or cfg_url
     host = host_identity(cfg.state_dir) if daemon else known_host(cfg.state_dir)
     if is_postgres(url):
         from .pgqueue import PgQueue
-        return PgQueue(url, host=host, lease_s=lease_s, readonly=readonly, register=daemon)
+        return PgQueue(url, host=host, lease_s=lease_s, readonly=readonly, register=daemon, on_wait=on_wait)
     return SqliteQueue(sqlite_path(url, cfg.state_dir), host=host, lease_s=lease_s, readonly=readonly,
                        register=daemon)
 
@@ -397,6 +404,24 @@ class SqliteQueue(Queue):
                 db.execute("UPDATE hosts SET pid = ?, state = ?, reason = ?, last_seen = ?, current_job = ?"
                            " WHERE id = ?", (pid, q._text(state), q._text(reason), time.time(),
                                                  (current or {}).get("job"), self.host.id))
+
+    @_guarded
+    def prune_hosts(self, now: float | None = None, keep_s: float = HOSTS_KEEP_S,
+                    gone_s: float = HOSTS_GONE_S) -> list[str]:
+        """Remove host rows silent for keep_s, or gone for gone_s while holding no lease (as PgQueue)."""
+        if self.readonly or not self._has_side_tables():
+            return []
+        now = time.time() if now is None else now
+        mine = self.host.id if self.host else None
+        with self._tx() as db:
+            rows = db.execute("SELECT h.id FROM hosts h WHERE h.id IS NOT ? AND (COALESCE(h.last_seen, 0) < ? OR"
+                              " (COALESCE(h.last_seen, 0) < ? AND NOT EXISTS (SELECT 1 FROM leases l JOIN jobs j"
+                              " ON j.id = l.job_id WHERE l.host = h.id AND j.state = 'running')))",
+                              (mine, now - keep_s, now - gone_s)).fetchall()
+            for (hid,) in rows:
+                db.execute("DELETE FROM hosts WHERE id = ?", (hid,))
+                log.info("queue.host_pruned", host=hid)
+        return [r[0] for r in rows]
 
     @_guarded
     def hosts(self) -> list[dict]:

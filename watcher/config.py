@@ -535,12 +535,15 @@ def folder_problems(cfg: Config, create: bool = True) -> dict[str, str]:
     state dir (never the inbox: an empty mount point must stay empty)."""
     problems: dict[str, str] = {}
     inbox = cfg.folders.inbox
-    if not inbox.is_dir():
-        problems["inbox"] = f"inbox missing: {inbox} (not mounted?)"
-    elif not os.access(inbox, os.R_OK | os.X_OK):
-        problems["inbox"] = f"inbox not readable: {inbox}"
-    elif not os.access(inbox, os.W_OK):
-        problems["inbox"] = f"inbox read-only: {inbox} (originals cannot be moved out)"
+    try:                                      # a share that went away answers EIO/EHOSTDOWN/ESTALE…
+        if not inbox.is_dir():
+            problems["inbox"] = f"inbox missing: {inbox} (not mounted?)"
+        elif not os.access(inbox, os.R_OK | os.X_OK):
+            problems["inbox"] = f"inbox not readable: {inbox}"
+        elif not os.access(inbox, os.W_OK):
+            problems["inbox"] = f"inbox read-only: {inbox} (originals cannot be moved out)"
+    except OSError as exc:
+        problems["inbox"] = f"inbox unreachable: {inbox} ({exc.strerror or exc})"
     for name, p in {**cfg.target_folders(), "state_dir": cfg.state_dir}.items():
         try:
             if create:
@@ -548,10 +551,13 @@ def folder_problems(cfg: Config, create: bool = True) -> dict[str, str]:
         except OSError as exc:
             problems[name] = f"{name} cannot be created: {p} ({exc.strerror})"
             continue
-        if not p.is_dir():
-            problems[name] = f"{name} missing: {p}"
-        elif not _writable(p):
-            problems[name] = f"{name} read-only: {p}"
+        try:
+            if not p.is_dir():
+                problems[name] = f"{name} missing: {p}"
+            elif not _writable(p):
+                problems[name] = f"{name} read-only: {p}"
+        except OSError as exc:
+            problems[name] = f"{name} unreachable: {p} ({exc.strerror or exc})"
     return problems
 
 

@@ -28,7 +28,7 @@ from . import intake, names
 from .errors import QueueCorrupt, StateUnavailable
 from . import backends
 from .queue import Queue
-from .worker import Worker, reconcile
+from .worker import Pipeline, Worker, reconcile, serialized
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +187,7 @@ class Daemon:
         self.started = time.time()
         self.discovery = None
         self.worker: Worker | None = None
+        self.pipeline: Pipeline | None = None      # jobs.prefetch > 0 (the worker thread's)
         self.metrics = None
         self.hooks = None
         self.lock: StateLock | None = None
@@ -225,25 +226,33 @@ class Daemon:
 
     def _worker_loop(self) -> None:
         try:
-            q = backends.connect(self.cfg, daemon=True)
+            q = backends.connect(self.cfg, daemon=True, on_wait=self.notifier.watchdog)
         except QueueCorrupt as exc:
             self.corrupt = str(exc)
             return
         except StateUnavailable as exc:
             self.storage_problem = exc.reason
             q = None
-        self.worker.queue = q
+        q = self.worker.queue = serialized(q)      # the pipeline's threads share it
         started = False
+        pipe = None
+
+        def drain() -> None:                       # jobs loaded ahead back to pending, the last one finished
+            if pipe is not None and pipe.busy():
+                pipe.release()
         try:
             while not (self.stop.is_set() or self.halt.is_set()):
                 if q is None:                      # the state_dir could not even be opened
                     self.wake.wait(STORAGE_RETRY_S)
                     try:
-                        q = self.worker.queue = backends.connect(self.cfg, daemon=True)
+                        q = self.worker.queue = backends.connect(self.cfg, daemon=True,
+                                                                 on_wait=self.notifier.watchdog)
                     except StateUnavailable:
                         continue
+                    q = self.worker.queue = serialized(q)
                 try:
                     if not started or self.reconcile_needed.is_set():
+                        drain()
                         if not self.folder_issues:
                             self.reconcile_needed.clear()
                             reconcile(self.worker, q, start=not started, now=time.time())
@@ -253,6 +262,7 @@ class Daemon:
                             started = True
                             self.reconcile_needed.set()
                     if self.pending_cfg is not None:
+                        drain()
                         cfg, self.pending_cfg = self.pending_cfg, None
                         self.worker.configure(cfg)
                         self.worker.hooks = self.hooks
@@ -262,10 +272,20 @@ class Daemon:
                     if self.stop.is_set() or self.halt.is_set():
                         break
                     if self.folder_issues or self.models.enhancer is None or self.storage_problem or q.paused():
+                        drain()
                         self.wake.wait(1.0)
                         self.wake.clear()
                         continue
-                    out = self.worker.run_once()
+                    # jobs.prefetch: decode ahead / publish behind while the model works (one host only:
+                    # with a shared queue the other hosts take the next job instead)
+                    depth = 0 if getattr(q, "shared", False) else self.worker.cfg.jobs.prefetch
+                    if depth and pipe is None:
+                        pipe = self.pipeline = Pipeline(self.worker, depth)
+                    if not depth:
+                        drain()
+                    elif pipe.depth != depth:
+                        pipe.depth = depth
+                    out = pipe.step() if depth else self.worker.run_once()
                 except StateUnavailable as exc:
                     if self.storage_problem != exc.reason:
                         log.error("state_dir.unusable", reason=exc.reason, error=str(exc), action="waiting")
@@ -283,6 +303,10 @@ class Daemon:
             self.crashed = True
             self.stop.set()
         finally:
+            try:
+                drain()
+            except BaseException as exc:           # the queue is unusable: a restart returns them
+                log.warning("worker.release_failed", error=str(exc))
             if q is not None:
                 q.close()
 
@@ -500,6 +524,11 @@ class Daemon:
                     requeued = True
                 except Exception as exc:  # the worker moved on meanwhile; recovery handles it
                     log.warning("daemon.requeue_failed", job=cur.get("job"), error=str(exc))
+            for job_id in self.pipeline.waiting() if self.pipeline is not None else ():
+                try:                      # decoded ahead, never started: back to pending too
+                    queue.requeue(job_id)
+                except Exception as exc:
+                    log.warning("daemon.requeue_failed", job=job_id, error=str(exc))
             log.warning("daemon.stop_timeout", job=cur and cur.get("job"), timeout_s=self.cfg.jobs.stop_timeout,
                         requeued=requeued)
             log.info("daemon.stopped", code=0)

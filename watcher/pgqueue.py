@@ -12,6 +12,15 @@ exceptions as watcher.queue.Queue, for several hosts at once. Every SQL statemen
   across hosts that discover the same file.
 * Connection loss (and serialization failures, deadlocks, admin shutdown) is retried a few times
   on a fresh connection; then `StateUnavailable` ("PostgreSQL unavailable") and the daemon waits.
+  A **job in hand** is never given up that way: while this object holds a claim, every operation
+  (the heartbeat too, once the job's publish plan is recorded) retries with a growing pause until
+  PostgreSQL answers again (`queue.waiting` … `queue.back`; `on_wait` is called each round so the
+  daemon keeps pinging its watchdog). The result is kept; back online, the fenced write decides:
+  the token still current → the job completes; taken over meanwhile → LeaseLost, the result is
+  discarded and the new owner finishes it. `hold_s` bounds the wait (None: until it answers).
+* Host rows are pruned (`prune_hosts`, also at registration and every PRUNE_EVERY_S from the
+  status row): a host silent for `hosts_keep_s` (7 days), or gone (stopped or silent) for
+  `hosts_gone_s` (1 day) while holding no lease.
   `QueueCorrupt` is never raised. Messages never carry the password (backends.scrub).
 * The schema is versioned by the SQL files in watcher/migrations/pg/ (`migrate()` applies them
   under an advisory lock; `photoenhanced queue migrate`). A queue whose schema is older or newer
@@ -31,13 +40,16 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import structlog
 
 from . import queue as q
-from .backends import DEFAULT_LEASE_S, HOST_COLS, Host, LeasedJob, leased, mask_url, scrub
+from .backends import (DEFAULT_LEASE_S, HOST_COLS, HOSTS_GONE_S, HOSTS_KEEP_S, Host, LeasedJob, leased, mask_url,
+                       scrub)
 from .errors import InvalidTransition, LeaseLost, StateUnavailable, UnknownJob, WatcherError
 from .queue import DONE, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, Finished, Job
 
 log = structlog.get_logger(__name__)
 
 RETRIES = 3                         # tries after the first on a connection/transient error
+HOLD_PAUSE_S = (0.5, 5.0)           # a job in hand waits for PostgreSQL: first pause, longest pause
+PRUNE_EVERY_S = 600.0               # host rows are pruned at most this often (from the status row)
 _NUL = re.compile("\x00")
 _MIGRATION_LOCK = 0x70686f74        # pg_advisory_xact_lock key while migrating ("phot")
 _COLS = q._COLS
@@ -91,24 +103,42 @@ def _guarded(method: F) -> F:
         if self._depth:                            # an inner call: the outer one retries
             return method(self, *args, **kwargs)
         attempt = 0
+        waited_since: float | None = None          # a job in hand waiting for the server (monotonic)
         while True:
             self._depth += 1
             try:
                 if self.db is None or self.db.closed:
                     self._connect()
-                return method(self, *args, **kwargs)
+                out = method(self, *args, **kwargs)
+                if waited_since is not None:
+                    log.info("queue.back", op=method.__name__, jobs=sorted(self._held),
+                             waited_s=round(time.monotonic() - waited_since, 1))
+                return out
             except self._psycopg.Error as exc:
                 reason = self._transient(exc)
                 if reason is None:
                     raise
                 self._drop_if_broken()
-                if attempt >= self.retries:
-                    raise StateUnavailable(reason, path=self.shown, code=getattr(exc, "sqlstate", None),
-                                           detail=scrub(str(exc).strip().splitlines()[0] if str(exc).strip()
-                                                        else type(exc).__name__, self.url)) from None
+                first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.url)
                 attempt += 1
-                log.warning("queue.retry", op=method.__name__, attempt=attempt, reason=reason,
-                            error=scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", self.url))
+                if attempt > self.retries and self._holding(method.__name__, args):
+                    now_m = time.monotonic()
+                    if waited_since is None:
+                        waited_since = now_m
+                        log.warning("queue.waiting", op=method.__name__, jobs=sorted(self._held), reason=reason,
+                                    error=first, action="the job in hand is kept; retrying until the queue answers")
+                    if self.hold_s is None or now_m - waited_since < self.hold_s:
+                        if self.on_wait is not None:
+                            self.on_wait()
+                        time.sleep(min(HOLD_PAUSE_S[0] * 2 ** (attempt - self.retries - 1), HOLD_PAUSE_S[1]))
+                        continue
+                    log.error("queue.wait_given_up", jobs=sorted(self._held), waited_s=round(now_m - waited_since, 1))
+                    for job_id in list(self._held):  # abandoned: its lease expires, another claim redoes it
+                        self._lost_lease(job_id)
+                if attempt > self.retries:
+                    raise StateUnavailable(reason, path=self.shown, code=getattr(exc, "sqlstate", None),
+                                           detail=first) from None
+                log.warning("queue.retry", op=method.__name__, attempt=attempt, reason=reason, error=first)
                 time.sleep(min(0.2 * 2 ** (attempt - 1), 1.0))
             finally:
                 self._depth -= 1
@@ -122,7 +152,9 @@ class PgQueue:
 
     def __init__(self, url: str, *, host: Host | None = None, lease_s: float = DEFAULT_LEASE_S,
                  readonly: bool = False, connect_timeout: float = 5.0, retries: int = RETRIES,
-                 clock: Callable[[], float] | None = None, check_schema: bool = True, register: bool = True):
+                 clock: Callable[[], float] | None = None, check_schema: bool = True, register: bool = True,
+                 hold_s: float | None = None, on_wait: Callable[[], None] | None = None,
+                 hosts_keep_s: float = HOSTS_KEEP_S, hosts_gone_s: float = HOSTS_GONE_S):
         import psycopg
         self._psycopg = psycopg
         self.url = url
@@ -139,7 +171,13 @@ class PgQueue:
         self.tmp_subdir = host.id if host else None
         self.db = None
         self._depth = 0
-        self._held: dict[int, int] = {}
+        self._held: dict[int, int] = {}            # job id → the fencing token of our claim (a job in hand)
+        self._planned: set[int] = set()            # jobs in hand whose publish plan is recorded
+        self._lost: set[int] = set()               # held jobs whose lease was lost (fenced; nothing waits)
+        self.hold_s = hold_s                       # how long a job in hand waits for the server (None: until back)
+        self.on_wait = on_wait                     # called each round of that wait (the daemon: watchdog ping)
+        self.hosts_keep_s, self.hosts_gone_s = float(hosts_keep_s), float(hosts_gone_s)
+        self._pruned_at = 0.0
         self._open()
 
     # --- connection ---------------------------------------------------------------------------
@@ -166,6 +204,26 @@ class PgQueue:
                                        " — upgrade photoenhanced on this host", path=self.shown)
         if self.host is not None and self.register and not self.readonly:
             self._register()
+
+    def _holding(self, op: str, args: tuple) -> bool:
+        """Does `op` wait for the server instead of giving up? Yes while this object holds a job,
+        except a heartbeat before the job's publish plan is recorded (the render goes on meanwhile;
+        recording its result is what waits)."""
+        if op == "heartbeat":
+            return bool(args) and args[0] in self._planned
+        return any(j not in self._lost for j in self._held)
+
+    def _let_go(self, job_id: int) -> None:
+        """The job left our hands (a transition away from running, or forgotten)."""
+        self._held.pop(job_id, None)
+        self._planned.discard(job_id)
+        self._lost.discard(job_id)
+
+    def _lost_lease(self, job_id: int) -> None:
+        """Our claim on job_id is no longer current (or abandoned): nothing waits for it any more;
+        its token stays in _held so that every later write on the job is refused (fenced)."""
+        self._lost.add(job_id)
+        self._planned.discard(job_id)
 
     def _drop(self) -> None:
         if self.db is not None:
@@ -235,6 +293,26 @@ class PgQueue:
                         " ON CONFLICT (id) DO UPDATE SET name = excluded.name, pid = excluded.pid,"
                         " version = excluded.version, started = excluded.started, last_seen = excluded.last_seen,"
                         " current_job = NULL", (h.id, _text(h.name), h.pid, h.version, now, now))
+            self._prune(cur, now)
+
+    def _prune(self, cur, now: float) -> list[str]:
+        """Delete host rows nobody needs: silent for hosts_keep_s, or gone (stopped, or silent) for
+        hosts_gone_s and holding no lease. Never this object's own host."""
+        self._pruned_at = time.monotonic()
+        cur.execute("DELETE FROM hosts h WHERE h.id IS DISTINCT FROM %s AND (COALESCE(h.last_seen, 0) < %s OR"
+                    " (COALESCE(h.last_seen, 0) < %s AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'running'"
+                    " AND j.lease_host = h.id))) RETURNING h.id, h.name, h.last_seen",
+                    (self.host.id if self.host else None, now - self.hosts_keep_s, now - self.hosts_gone_s))
+        rows = cur.fetchall()
+        for hid, name, seen in rows:
+            log.info("queue.host_pruned", host=hid, name=name, silent_s=round(now - (seen or 0)))
+        return [r[0] for r in rows]
+
+    @_guarded
+    def prune_hosts(self, now: float | None = None) -> list[str]:
+        """Remove stale host rows (see _prune); the ids removed."""
+        with self._tx() as cur:
+            return self._prune(cur, time.time() if now is None else now)
 
     # --- fencing ------------------------------------------------------------------------------
 
@@ -253,8 +331,13 @@ class PgQueue:
         held = self._held.get(job_id)
         if held is not None:
             if state != RUNNING or token != held:
+                self._lost_lease(job_id)
                 raise LeaseLost(f"job {job_id}: lease lost (token {held} is no longer current; now {state}"
                                 f"{', token %s' % token if token is not None else ''})", job_id)
+            # still ours (its lease may have run out while the server was away, nobody took it):
+            # the write renews it, so no claim returns it to pending between our steps
+            sql_now, params = self._now_sql()
+            cur.execute(f"UPDATE jobs SET lease_expires = {sql_now} + %s WHERE id = %s", (*params, self.lease_s, job_id))
         elif state == RUNNING and host is not None and (self.host is None or host != self.host.id):
             if self.host is not None:
                 raise LeaseLost(f"job {job_id} is running on another host ({host})", job_id)
@@ -273,7 +356,7 @@ class PgQueue:
         cur.execute(f"UPDATE jobs SET {assign} WHERE id = %s RETURNING {_COLS}", (*vals, job_id))
         job = _job(cur.fetchone())
         if new != RUNNING:
-            self._held.pop(job_id, None)
+            self._let_go(job_id)
         return job
 
     @_guarded
@@ -339,6 +422,7 @@ class PgQueue:
             if host:
                 cur.execute("UPDATE hosts SET current_job = %s, last_seen = %s WHERE id = %s", (job.id, now, host))
         self._held[job.id] = job.token
+        self._lost.discard(job.id)
         return job
 
     @_guarded
@@ -351,6 +435,8 @@ class PgQueue:
                         f" AND token = %s RETURNING lease_expires", (*params, self.lease_s, job_id, token))
             row = cur.fetchone()
             if row is None:
+                if self._held.get(job_id) == token:
+                    self._lost_lease(job_id)
                 raise LeaseLost(f"job {job_id}: lease lost (token {token} is no longer current)", job_id)
             if self.host is not None:
                 cur.execute("UPDATE hosts SET last_seen = %s, current_job = %s WHERE id = %s",
@@ -358,7 +444,8 @@ class PgQueue:
             return float(row[0])
 
     def holds(self, job_id: int) -> int | None:
-        return self._held.get(job_id)
+        """The token of our current claim on job_id (None: not claimed here, or the lease was lost)."""
+        return None if job_id in self._lost else self._held.get(job_id)
 
     @_guarded
     def lease(self, job_id: int) -> dict | None:
@@ -378,6 +465,8 @@ class PgQueue:
             assign = ", ".join(f"{k} = %s" for k in cols)
             vals = [_value(k, v) for k, v in cols.items()]
             cur.execute(f"UPDATE jobs SET {assign}, updated = %s WHERE id = %s", (*vals, time.time(), job_id))
+        if job_id in self._held:
+            (self._planned.add if plan else self._planned.discard)(job_id)
 
     @_guarded
     def finish(self, job_id: int, outputs: list, now: float | None = None, duplicate_of: int | None = None) -> Job:
@@ -438,7 +527,7 @@ class PgQueue:
             if state not in (PENDING, RUNNING):
                 raise InvalidTransition(f"job {job_id}: only pending/running jobs can be forgotten")
             cur.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
-        self._held.pop(job_id, None)
+        self._let_go(job_id)
 
     @_guarded
     def insert_finished(self, rows: Sequence[Finished], now: float) -> list[int]:
@@ -590,6 +679,8 @@ class PgQueue:
                          (current or {}).get("job"), self.host.id))
             if cur.rowcount == 0:
                 self._register()
+            elif time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+                self._prune(cur, now)
 
     @_guarded
     def daemon(self) -> dict | None:

@@ -51,6 +51,10 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (FAILED, "retry"): PENDING,         # `photoenhanced retry`: attempts and interruptions reset
 }
 
+# wait_reason of a running job claimed ahead, decoded and waiting for the model (jobs.prefetch): a
+# restart returns it to pending without counting an interruption (it was not being worked on)
+AHEAD = "decoded ahead, waiting for the model"
+
 SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: """
@@ -566,15 +570,17 @@ class Queue:
     @_guarded
     def requeue_running(self, now: float | None = None) -> list[Job]:
         """Start-up (the previous process died): every running job goes back to pending, attempts
-        kept, one more interruption counted. Returns them."""
+        kept, one more interruption counted (not for a job that waited, decoded ahead: AHEAD). Returns them."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            rows = db.execute("SELECT id, interruptions FROM jobs WHERE state = 'running' ORDER BY id").fetchall()
-            return [self._transition(db, i, "requeue", now, not_before=0, interruptions=n + 1) for i, n in rows]
+            rows = db.execute("SELECT id, interruptions, wait_reason FROM jobs WHERE state = 'running'"
+                              " ORDER BY id").fetchall()
+            return [self._transition(db, i, "requeue", now, not_before=0, wait_reason=None,
+                                     interruptions=n + (w != AHEAD)) for i, n, w in rows]
 
     def requeue(self, job_id: int, now: float | None = None) -> Job:
         """A graceful stop before the job finished: back to pending, no interruption counted."""
-        return self.apply(job_id, "requeue", now, not_before=0)
+        return self.apply(job_id, "requeue", now, not_before=0, wait_reason=None)
 
     def retry(self, job_id: int, now: float | None = None, file: tuple[int, int, str] | None = None) -> Job:
         """failed → pending with attempts and interruptions reset. `file`: (size, mtime_ns, sha256) of

@@ -4,14 +4,22 @@ enhancer interface (`enhancer.api.Enhancer`), pixels through `enhancer.imageio`.
 
 Every routing path is a named outcome (done, failed, retry, deferred, vanished, changed) and every
 step takes `now`, so each path is a millisecond test with a fake enhancer and a virtual clock.
+
+`Pipeline` (jobs.prefetch > 0, the daemon) runs the same steps in three stages that overlap: the
+next job is claimed, read and decoded on a helper thread, and the previous one encoded and published
+on another, while the calling thread runs the model on one job at a time (DESIGN invariant 7).
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import threading
 import time
 import dataclasses
+import weakref
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +34,7 @@ from . import names, safefs, sidecar as sidecar_mod
 from .config import Config
 from .errors import FolderError, LeaseLost, StateUnavailable
 from .publish import PlanBroken, PlanConflict, Publisher
-from .queue import Job, Queue
+from .queue import AHEAD, Job, Queue
 from .sidecar import iso as _iso, versions  # noqa: F401  (re-exported for callers)
 
 log = structlog.get_logger(__name__)
@@ -102,8 +110,10 @@ class Worker:
         # publishes it again instead of recomputing. One at a time: (job id, sha256, Finished).
         self._held: tuple[int, str, Finished] | None = None
         self._replans: dict[int, int] = {}
-        self._lease: tuple[int, int] | None = None     # (job id, fencing token) of the job in hand
+        self._leases: dict[int, int] = {}              # job id → fencing token of every job in hand
         self._beat_at = 0.0
+        self._tl = threading.local()                   # .job: the job this thread works on (fences, progress)
+        self._lock = threading.RLock()                 # `current` and `handled` (the pipeline's threads)
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -117,75 +127,114 @@ class Worker:
                                      max_output_megapixels=e.max_output_megapixels)
 
     def progress(self, **info) -> None:
-        if info and self.current is not None:
-            self.current = {**self.current, **info}
+        """A step or tile of the job in hand: `info` updates `current` when the calling thread works
+        on the job `current` describes (the one in the model); always a heartbeat and a ping."""
+        if info:
+            with self._lock:
+                cur = self.current
+                if cur is not None and cur.get("job") == getattr(self._tl, "job", cur.get("job")):
+                    self.current = {**cur, **info}
         self._heartbeat()
         self._progress()
 
     def _heartbeat(self) -> None:
-        """Renew the lease of the job in hand, at most every quarter lease. Never raises: a lost
+        """Renew the leases of the jobs in hand, at most every quarter lease. Never raises: a lost
         lease or an unreachable queue stops the job at its next recorded step (fenced)."""
-        if self._lease is None:
+        if not self._leases:
             return
         t = time.monotonic()
         if t - self._beat_at < getattr(self.queue, "lease_s", 60.0) / 4:
             return
         self._beat_at = t
-        try:
-            self.queue.heartbeat(*self._lease)
-        except (LeaseLost, StateUnavailable) as exc:
-            log.warning("job.heartbeat_failed", job=self._lease[0], error=str(exc))
+        for job_id, token in list(self._leases.items()):
+            try:
+                self.queue.heartbeat(job_id, token)
+            except (LeaseLost, StateUnavailable) as exc:
+                log.warning("job.heartbeat_failed", job=job_id, error=str(exc))
 
     def _fence(self, step: dict | None = None) -> None:
         """Before each irreversible publish step: is our claim still current? (renews the lease;
         LeaseLost stops the plan before the step.)"""
-        if self._lease is not None:
-            self.queue.heartbeat(*self._lease)
+        job_id = getattr(self._tl, "job", None)
+        token = self._leases.get(job_id) if job_id is not None else None
+        if token is not None:
+            self.queue.heartbeat(job_id, token)
             self._beat_at = time.monotonic()
 
-    # --- the loop body ------------------------------------------------------------------------
-
-    def run_once(self, now: float | None = None) -> Outcome | None:
-        now = time.time() if now is None else now
-        job = self.queue.claim(now)
-        if job is None:
-            return None
+    def _begin(self, job: Job, now: float, in_model: bool = True) -> None:
+        """A claimed job: its lease is held (renewed, fenced) until `_release`."""
         token = getattr(job, "token", None)
-        self._lease, self._beat_at = ((job.id, token) if token is not None else None), time.monotonic()
-        self.current = {"job": job.id, "path": job.rel_path, "stage": "claim", "started": now}
+        if token is not None:
+            self._leases[job.id] = token
+        self._beat_at = time.monotonic()
+        self._tl.job = job.id
+        if in_model:
+            with self._lock:
+                self.current = {"job": job.id, "path": job.rel_path, "stage": "claim", "started": now}
         log.info("job.started", job=job.id, path=job.rel_path, attempt=job.attempts + 1,
                  interruptions=job.interruptions)
-        try:
-            out = self._guarded(job, now)
-        except LeaseLost as exc:          # another host owns the job now: it finishes it
-            log.warning("job.lease_lost", job=job.id, path=job.rel_path, reason=str(exc),
-                        action="stopped before the next irreversible step")
-            if self._held is not None and self._held[0] == job.id:
-                self._held = None
-            out = Outcome(job.id, job.rel_path, "lost", str(exc))
-        except Exception as exc:
-            if _is_storage(exc):
-                raise
-            try:
-                out = self._contain(job, exc, now)
-            except LeaseLost as lost:
-                out = Outcome(job.id, job.rel_path, "lost", str(lost))
-        finally:
-            self.current = None
-            self._lease = None
-        self.handled += out.state in ("done", "failed")
+
+    def _release(self, job_id: int) -> None:
+        self._leases.pop(job_id, None)
+        self._tl.job = None
+        with self._lock:
+            if self.current is not None and self.current.get("job") == job_id:
+                self.current = None
+
+    def _count(self, out: Outcome) -> Outcome:
+        with self._lock:
+            self.handled += out.state in ("done", "failed")
         if self.metrics is not None and out.state in ("done", "failed", "retry"):
             dup = out.state == "done" and bool((out.sidecar or {}).get("duplicate_of"))
             self.metrics.outcome("duplicate" if dup else out.state if out.state != "retry" else "retried")
         return out
 
-    def _guarded(self, job: Job, now: float) -> Outcome:
+    # --- the loop body ------------------------------------------------------------------------
+
+    def run_once(self, now: float | None = None) -> Outcome | None:
+        """Claim one job and run all its steps here (jobs.prefetch 0; the unit of the tests)."""
+        now = time.time() if now is None else now
+        job = self.queue.claim(now)
+        if job is None:
+            return None
+        self._begin(job, now)
+        try:
+            out = self._stage(job, now)
+        finally:
+            self._release(job.id)
+        return self._count(out)
+
+    def _stage(self, job: Job, now: float, body: Callable[[], object] | None = None):
+        """Run `body` (default: every step of the job) with the error routes of a job: an Outcome
+        when the job ended, else what `body` returned. Storage errors propagate (the daemon decides)."""
+        try:
+            return self._guarded(job, now, body)
+        except LeaseLost as exc:          # another host owns the job now: it finishes it
+            log.warning("job.lease_lost", job=job.id, path=job.rel_path, reason=str(exc),
+                        action="stopped before the next irreversible step")
+            if self._held is not None and self._held[0] == job.id:
+                self._held = None
+            return Outcome(job.id, job.rel_path, "lost", str(exc))
+        except Exception as exc:
+            if _is_storage(exc):
+                raise
+            try:
+                return self._contain(job, exc, now)
+            except LeaseLost as lost:
+                return Outcome(job.id, job.rel_path, "lost", str(lost))
+
+    def _interrupted(self, job: Job, now: float) -> Outcome | None:
+        limit = self.cfg.jobs.max_interruptions
+        if job.interruptions >= limit and not job.plan:
+            return self._fail(job, "interrupted", _interrupted_message(job, limit), job.attempts, now)
+        return None
+
+    def _guarded(self, job: Job, now: float, body: Callable[[], object] | None = None):
         try:
             try:
-                limit = self.cfg.jobs.max_interruptions
-                if job.interruptions >= limit and not job.plan:
-                    return self._fail(job, "interrupted", _interrupted_message(job, limit), job.attempts, now)
-                return self._process(job, now)
+                if body is not None:
+                    return body()
+                return self._interrupted(job, now) or self._process(job, now)
             except _Changed:
                 self._forget(job, "changed", "the file changed after it settled", recheck=True)
                 return Outcome(job.id, job.rel_path, "changed", "the file changed after it settled")
@@ -264,6 +313,13 @@ class Worker:
     # --- steps --------------------------------------------------------------------------------
 
     def _process(self, job: Job, now: float) -> Outcome:
+        got = self._load(job, now)
+        if isinstance(got, Outcome):
+            return got
+        return self._finish(got, self._infer(got), now)
+
+    def _load(self, job: Job, now: float) -> "Outcome | _Loaded":
+        """read → checks → prepare → decode: the job ends here (an Outcome) or is ready for the model."""
         if job.plan:                                   # a publish that stopped half-way: finish it
             return self.complete_plan(job, now=now)
         job, src = self._read(job)
@@ -289,18 +345,101 @@ class Worker:
                 return dup
         if self.enhancer is None:
             raise WeightsMissingError(self.enhancer_problem or "models not loaded yet")
+        timings: dict[str, float] = {}
         try:
-            r = render(src.data, name, prep, self.enhancer, self.limits, self.cfg.enhance.jpeg_quality,
-                       self.progress, provenance=self.cfg.enhance.provenance, now=now)
+            decoded = decode_step(src.data, name, self.limits, self.progress, timings)
         except _DecodeFailed as exc:
             self._changed_since(job)
             raise exc.__cause__ from None
+        return _Loaded(job, src, prep, name, t0, decoded, timings)
+
+    def _infer(self, ld: "_Loaded") -> "_Inferred":
+        """The model, every page (one job at a time in the model)."""
+        return infer_step(ld.decoded, ld.prep, self.enhancer, self.progress, ld.timings)
+
+    def _finish(self, ld: "_Loaded", inf: "_Inferred", now: float) -> Outcome:
+        """encode → sidecar → publish → record."""
+        job, prep = ld.job, ld.prep
+        r = encode_step(ld.src.data, ld.decoded, inf, prep, self.cfg.enhance.jpeg_quality, ld.timings,
+                        self.progress, provenance=self.cfg.enhance.provenance, now=now)
         sc = self._sidecar(job, "done", now, prep.info, prep.eff, r.timings)
         sc.update(r.sidecar_extra)
         sc["metadata"] = sidecar_mod.metadata_block(r.notes)
         return self._publish_done(job, Finished(r.data, prep.result_name, sc, prep.eff, r.out_info, r.timings,
-                                                t0, faces=r.faces, ino=src.st.st_ino,
+                                                ld.t0, faces=r.faces, ino=ld.src.st.st_ino,
                                                 companion=_stamper(r.provenance)), now)
+
+    # --- the pipeline's stages (jobs.prefetch > 0; see Pipeline) --------------------------------
+
+    def _load_stage(self, now: float | None, ahead: bool) -> "Outcome | _Loaded | None":
+        """Claim + load. `ahead`: another job is in the model meanwhile; a job loaded ahead is
+        marked (wait_reason AHEAD) while it waits, so a restart does not count it interrupted."""
+        now = time.time() if now is None else now
+        job = self.queue.claim(now)
+        if job is None:
+            return None
+        self._begin(job, now, in_model=not ahead)
+        try:
+            got = self._stage(job, now, lambda: self._interrupted(job, now) or self._load_marked(job, now, ahead))
+        except BaseException:
+            self._release(job.id)
+            raise
+        if isinstance(got, Outcome):
+            self._release(job.id)
+            return self._count(got)
+        self._tl.job = None                 # the lease stays held (heartbeats) until the job ends
+        return got
+
+    def _load_marked(self, job: Job, now: float, ahead: bool):
+        got = self._load(job, now)
+        if ahead and isinstance(got, _Loaded):
+            self.queue.set_plan(job.id, None, wait_reason=AHEAD)
+            got.marked = True
+        return got
+
+    def _model_stage(self, ld: "_Loaded", now: float) -> "Outcome | _Inferred":
+        """The model, on the calling thread; `current` describes this job from here on."""
+        job = ld.job
+        self._tl.job = job.id
+        with self._lock:
+            self.current = {"job": job.id, "path": job.rel_path, "stage": "enhance", "started": now}
+        log.debug("job.model", job=job.id, path=job.rel_path)
+
+        def body():
+            if ld.marked:                   # in the model now: a restart counts it again
+                self.queue.set_plan(job.id, None, wait_reason=None)
+                ld.marked = False
+            return self._infer(ld)
+        try:
+            got = self._stage(job, now, body)
+        except BaseException:
+            self._release(job.id)
+            raise
+        self._tl.job = None
+        if isinstance(got, Outcome):
+            self._release(job.id)
+            return self._count(got)
+        return got
+
+    def _finish_stage(self, ld: "_Loaded", inf: "_Inferred", now: float) -> Outcome:
+        self._tl.job = ld.job.id
+        try:
+            out = self._stage(ld.job, now, lambda: self._finish(ld, inf, now))
+        finally:
+            self._release(ld.job.id)
+        return self._count(out)
+
+    def _give_back(self, ld: "_Loaded") -> None:
+        """A job loaded ahead and not started: back to pending, no interruption counted."""
+        try:
+            self.queue.requeue(ld.job.id)
+            log.info("job.released", job=ld.job.id, path=ld.job.rel_path, reason="loaded ahead, not started")
+        except Exception as exc:
+            if _is_storage(exc):
+                raise
+            log.warning("job.release_failed", job=ld.job.id, error=str(exc))
+        finally:
+            self._release(ld.job.id)
 
     def _read(self, job: Job) -> tuple[Job, Source]:
         """The photo, read once through a safe open, and checked against what was queued."""
@@ -538,17 +677,51 @@ def prepare(source: bytes | Path, name: str, cfg: Config, limits, profile: str, 
     return Prepared(info, params, eff, fmt, result_name)
 
 
+@dataclass
+class _Loaded:
+    """A job through its load stage: read, checked, prepared and decoded."""
+    job: Job
+    src: Source
+    prep: Prepared
+    name: str
+    t0: float
+    decoded: object
+    timings: dict
+    marked: bool = False             # wait_reason AHEAD recorded (loaded ahead, waiting for the model)
+
+
+@dataclass
+class _Inferred:
+    pages: list
+    faces: int
+    boxes: list
+    result: object                   # the last page's enhancer Result (models, device, precision, tile)
+
+
 def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, limits, jpeg_quality: int,
            progress: Callable[..., None], provenance: bool = True, now: float | None = None) -> Rendered:
     """decode → enhance (every page) → encode. Decode errors come wrapped in _DecodeFailed.
     `provenance`: stamp the result (enhance.provenance); `now`: the stamp's time."""
     timings: dict[str, float] = {}
+    decoded = decode_step(source, name, limits, progress, timings)
+    inf = infer_step(decoded, prep, enhancer, progress, timings)
+    return encode_step(source, decoded, inf, prep, jpeg_quality, timings, progress, provenance, now)
+
+
+def decode_step(source: bytes | Path, name: str, limits, progress: Callable[..., None], timings: dict):
+    """The decoded photo (imageio.Decoded); errors wrapped in _DecodeFailed."""
     t = time.perf_counter()
     try:
         decoded = imageio.decode(source, limits, name=name, tick=progress)
     except PermanentError as exc:
         raise _DecodeFailed() from exc
     timings["decode"] = _ms(t)
+    return decoded
+
+
+def infer_step(decoded, prep: Prepared, enhancer: Enhancer, progress: Callable[..., None],
+               timings: dict) -> _Inferred:
+    """The enhancer on every page."""
     pages, faces, result, boxes = [], 0, None, []
     for i, page in enumerate(decoded.pages):
         progress(stage="enhance", page=i + 1)
@@ -564,6 +737,13 @@ def render(source: bytes | Path, name: str, prep: Prepared, enhancer: Enhancer, 
         alpha = imageio.resize_alpha(page.alpha, (w, h)) if page.alpha is not None else None
         pages.append(imageio.Page(rgb=result.image, alpha=alpha))
         progress(faces=faces)
+    return _Inferred(pages, faces, boxes, result)
+
+
+def encode_step(source: bytes | Path, decoded, inf: _Inferred, prep: Prepared, jpeg_quality: int, timings: dict,
+                progress: Callable[..., None], provenance: bool = True, now: float | None = None) -> Rendered:
+    """The result's bytes, its output facts and the sidecar's extra keys."""
+    pages, faces, boxes, result = inf.pages, inf.faces, inf.boxes, inf.result
     progress(stage="encode")
     t = time.perf_counter()
     notes: list = list(decoded.notes)          # metadata dropped while decoding, then while encoding
@@ -628,3 +808,144 @@ def reconcile(worker: Worker, queue: Queue, *, start: bool = False, now: float |
 def recover(worker: Worker, queue: Queue) -> dict[str, int]:
     """Start-up reconciliation (see reconcile)."""
     return reconcile(worker, queue, start=True)
+
+
+# --- the pipeline (jobs.prefetch > 0) -----------------------------------------------------------
+
+_QUEUE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class Serialized:
+    """A queue used by several threads (the pipeline's, the daemon's worker loop): one operation at
+    a time. Each operation is one transaction, so this is all the sharing needs."""
+
+    def __init__(self, queue):
+        self._queue = queue
+        self._lock = _QUEUE_LOCKS.setdefault(queue, threading.RLock())
+
+    def __getattr__(self, name: str):
+        value = getattr(self._queue, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+        return call
+
+
+def serialized(queue):
+    return queue if queue is None or isinstance(queue, Serialized) else Serialized(queue)
+
+
+def _spawn(fn: Callable[[], object], name: str) -> Future:
+    """fn on a new daemon thread; its result or exception lands in the Future."""
+    fut: Future = Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:      # raised again where the result is taken
+            fut.set_exception(exc)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+class Pipeline:
+    """No idle model (DESIGN invariant 7): while the calling thread runs the model on job N, job N+1
+    is claimed, read and decoded on a helper thread (up to `depth` jobs ahead, one load at a time)
+    and job N-1 is encoded and published on another (one at a time). Jobs loaded ahead are
+    `running`, leases renewed with the others, marked AHEAD while they wait (a restart returns them
+    to pending without an interruption). Each stage keeps run_once's error routes; an exception a
+    helper thread could not route (the queue's storage, a BaseException) is raised on the calling
+    thread, after the other stages were handed on."""
+
+    def __init__(self, worker: Worker, depth: int = 1):
+        self.worker = worker
+        self.depth = max(1, depth)
+        self.ahead: deque[Future] = deque()     # load results (None | Outcome | _Loaded), oldest first
+        self.behind: Future | None = None       # the finish stage of the last job out of the model
+
+    def step(self, now: float | None = None) -> Outcome | None:
+        """One job through the model (or ended before it). Returns the outcome of a job that ended
+        meanwhile, `finishing` when the job left the model and nothing ended, None when idle."""
+        w = self.worker
+        w.queue = serialized(w.queue)
+        got = self._take(now)
+        if got is None:                          # nothing due: the one behind finishes
+            out, err = self._collect(wait=True)
+            if err is not None:
+                raise err
+            return out
+        if isinstance(got, Outcome):             # it ended in its load stage
+            self._top_up()
+            out, err = self._collect(wait=False)
+            if err is not None:
+                raise err
+            return got
+        self._top_up()                           # the next job loads while this one is in the model
+        mid = w._model_stage(got, time.time() if now is None else now)
+        prev, err = self._collect(wait=True)     # one behind at a time (memory stays bounded)
+        if not isinstance(mid, Outcome):
+            self.behind = _spawn(lambda: w._finish_stage(got, mid, time.time() if now is None else now),
+                                 f"finish-{got.job.id}")
+        if err is not None:
+            raise err
+        if isinstance(mid, Outcome):
+            return mid
+        return prev if prev is not None else Outcome(got.job.id, got.job.rel_path, "finishing")
+
+    def _take(self, now: float | None):
+        while self.ahead:
+            got = self.ahead.popleft().result()      # a storage error of the load is raised here
+            if got is not None:
+                return got
+        return self.worker._load_stage(now, ahead=False)
+
+    def _top_up(self) -> None:
+        if len(self.ahead) < self.depth and (not self.ahead or self.ahead[-1].done()):
+            w = self.worker
+            self.ahead.append(_spawn(lambda: w._load_stage(None, ahead=True), "load-ahead"))
+
+    def _collect(self, wait: bool) -> tuple[Outcome | None, BaseException | None]:
+        fut = self.behind
+        if fut is None or not (wait or fut.done()):
+            return None, None
+        self.behind = None
+        try:
+            return fut.result(), None
+        except BaseException as exc:
+            return None, exc
+
+    def busy(self) -> bool:
+        return bool(self.ahead) or self.behind is not None
+
+    def waiting(self) -> list[int]:
+        """Ids of the jobs loaded ahead, waiting for the model (read from another thread)."""
+        out = []
+        for fut in list(self.ahead):
+            if fut.done() and fut.exception() is None and isinstance(fut.result(), _Loaded):
+                out.append(fut.result().job.id)
+        return out
+
+    def release(self) -> None:
+        """Stop working ahead (pause, stop, reload, a folder or storage problem): the jobs loaded
+        ahead go back to pending, the one behind finishes. An error is raised after all of it."""
+        w, err = self.worker, None
+        while self.ahead:
+            try:
+                got = self.ahead.popleft().result()
+            except BaseException as exc:
+                err = err or exc
+                continue
+            if isinstance(got, _Loaded):
+                try:
+                    w._give_back(got)
+                except BaseException as exc:
+                    err = err or exc
+        _, e = self._collect(wait=True)
+        err = err or e
+        if err is not None:
+            raise err
