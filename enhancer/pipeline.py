@@ -19,6 +19,7 @@ from enhancer import _compat  # noqa: F401
 
 import contextlib
 import copy
+import ctypes
 import math
 import os
 import time
@@ -72,6 +73,9 @@ class LoadedModel:
     channels_last: bool = False
     fallback: torch.nn.Module | None = None    # the fp32 module, when `module` was cast
     details: models.ArchInfo | None = None     # user-brought checkpoints (spandrel)
+    # builds the fp32 module again from its file, when `module` was cast and no resident
+    # `fallback` is kept (saves a second full copy of the weights: GFPGAN 350 MB)
+    reload: Callable[[], torch.nn.Module] | None = None
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, sha256=self.sha256, source=self.source,
@@ -115,7 +119,20 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def cpu_has_native_bf16() -> bool:
+# oneDNN ISAs with native bf16 dot products (its ONEDNN_MAX_CPU_ISA names, upper case)
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512",
+                     "AVX10_2_512", "AVX2_VNNI_2", "DEFAULT", "ALL")
+
+
+def cpu_has_native_bf16(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether bf16 convolutions run natively here: the CPU flags (avx512_bf16, amx_bf16) and
+    what oneDNN is allowed to use. ONEDNN_MAX_CPU_ISA (read by oneDNN itself at start, e.g.
+    AVX2) caps its kernels below the CPU's: bf16 is then emulated, ~100x slower, and `auto`
+    must choose fp32 as on an AVX2-only CPU (scripts/bench --isa avx2 simulates one this way)."""
+    env = os.environ if environ is None else environ
+    cap = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA")
+    if cap and cap.strip().upper() not in _ONEDNN_BF16_ISAS:
+        return False
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" in capability and "BF16" in capability:
         return True
@@ -152,7 +169,15 @@ def _forward(lm: LoadedModel, x: torch.Tensor, device: torch.device, precision: 
     if lm.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     if lm.cast:
-        module = lm.module if precision == lm.precision else (lm.fallback or lm.module)
+        if precision == lm.precision:
+            module = lm.module
+        elif lm.fallback is not None:
+            module = lm.fallback
+        elif lm.reload is not None:      # rare (non-finite output): read the file again
+            log.info("precision.reload_fp32", model=lm.name)
+            module = lm.reload()
+        else:
+            module = lm.module
         out = module(x, **kwargs)
     else:
         with _autocast(device, precision):
@@ -174,7 +199,7 @@ def run_model(lm: LoadedModel, x: torch.Tensor, device: torch.device, **kwargs) 
 # Conv models whose speed gains from channels_last (oneDNN's NHWC kernels; measured in
 # scripts/bench). Transformer SR models (SwinIR, HAT, DAT, OmniSR) reshape NCHW views: left alone.
 CHANNELS_LAST_FAMILIES = frozenset({"rrdbnet-x4", "rrdbnet-x2", "srvgg-x4", "ESRGAN", "Compact",
-                                    "SPAN", "RealCUGAN", "PLKSR"})
+                                    "SPAN", "RealCUGAN", "PLKSR", "parsenet"})
 
 
 def _cast_inputs(module: torch.nn.Module, args: tuple) -> tuple | None:
@@ -359,6 +384,16 @@ def stream_upscale(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, sc
             t = nxt
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps what the load and the last
+    photo freed: measured 370 MB after loading the faces models). Linux/glibc only; a no-op
+    elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -439,10 +474,26 @@ def align_face(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray] |
     return crop, affine
 
 
-# Faces per forward pass (all of a photo's, in chunks). CPU, GFPGAN 512², measured: 10.0 CPU s
-# per face alone, 7.1 in pairs, 6.3 in fours — but each face in a batch adds ~0.7 GB of peak
-# RSS, and 24 MP photos must stay under 3 GB: pairs on CPU.
-FACE_BATCH = {"cpu": 2, "cuda": 16}
+# All faces of a photo go through the face model (and the parser) in one forward pass, up to
+# a cap derived from memory. Peak bytes each 512² face adds to one pass, measured on CPU
+# (scripts/bench --group): GFPGAN with bf16 weights 0.3–0.46 GB, ParseNet bf16 0.13–0.16 GB;
+# fp32 about twice that. On CPU the cap is what binds: with weights cast to bf16 once, a face
+# costs the same time alone or in a batch (1.4–1.5 s, 2 cores), while each face in the batch
+# adds its activations to the peak, and a 24 MP photo must stay under 3 GB RSS (input, 8-bit
+# output and models already hold ~2 GB) — so CPU batches hold what FACE_BUDGET_CPU allows.
+FACE_BYTES = {"face": 460_000_000, "parser": 160_000_000}
+FACE_BUDGET_CPU = 1_000_000_000
+MAX_FACE_BATCH = {"cpu": 16, "cuda": 16}
+
+
+def face_batch(device: torch.device, role: str, precision: str = "fp32",
+               free_bytes: int | None = None) -> int:
+    """Faces per forward pass for `role` (face | parser): as many as the memory budget holds
+    (CPU: min(40 % of free RAM, FACE_BUDGET_CPU); CUDA: half the free device memory)."""
+    per = FACE_BYTES[role] * (2 if precision == "fp32" else 1)
+    free = available_memory(device) if free_bytes is None else free_bytes
+    budget = free * 0.5 if device.type == "cuda" else min(free * 0.4, FACE_BUDGET_CPU)
+    return max(1, min(MAX_FACE_BATCH.get(device.type, 16), int(budget // per)))
 
 
 def _face_call(lm: LoadedModel, fidelity: float) -> dict:
@@ -464,7 +515,7 @@ def restore_faces(face: LoadedModel, crops: list[np.ndarray], device: torch.devi
                   progress: Callable[[], None] | None = None) -> list[np.ndarray]:
     """All aligned 512² crops of a photo through the face model, `batch` at a time (one
     forward pass for a group photo instead of one per face). float [0,1] in and out."""
-    batch = batch or FACE_BATCH.get(device.type, 8)
+    batch = batch or face_batch(device, "face", face.precision)
     kwargs = _face_call(face, fidelity)
     out: list[np.ndarray] = []
     for chunk in _batches(crops, batch):
@@ -497,7 +548,7 @@ def _soft_mask(labels: np.ndarray) -> np.ndarray:
 
 def face_masks(parser: LoadedModel, restored: list[np.ndarray], device: torch.device, *,
                batch: int | None = None) -> list[np.ndarray]:
-    batch = batch or FACE_BATCH.get(device.type, 8)
+    batch = batch or face_batch(device, "parser", parser.precision)
     out: list[np.ndarray] = []
     for chunk in _batches(restored, batch):
         x = np.ascontiguousarray(np.stack([r.transpose(2, 0, 1) for r in chunk]))
@@ -606,6 +657,8 @@ class RealEnhancer:
             raise EnhanceError(f"inference failed: {exc}") from exc
         except (ValueError, cv2.error, MemoryError) as exc:
             raise EnhanceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            release_free_memory()       # the next photo starts from the models' footprint
 
     def _enhance(self, image: np.ndarray, params: Params,
                  progress: Callable[[], None] | None) -> Result:
@@ -738,6 +791,15 @@ def _load(arch: str, path: Path, role: str, device: torch.device
     return arch, models.load_model(arch, path, device), None
 
 
+def _reloader(arch: str, path: Path, role: str, device: torch.device
+              ) -> Callable[[], torch.nn.Module]:
+    """The fp32 module again, from its (already verified) file: the rare fallback of a cast
+    model, so that no second full-precision copy stays in memory."""
+    def reload() -> torch.nn.Module:
+        return _load(arch, path, role, device)[1]
+    return reload
+
+
 def _quality(ref: np.ndarray, got: np.ndarray) -> float:
     lo, hi = float(ref.min()), float(ref.max())
     span = max(hi - lo, 1e-6)
@@ -746,12 +808,16 @@ def _quality(ref: np.ndarray, got: np.ndarray) -> float:
 
 def _choose_precision(lm: LoadedModel, candidate: str, device: torch.device, explicit: bool,
                       sample: torch.Tensor, *, cast: bool = False, compile: bool = False,
+                      reload: Callable[[], torch.nn.Module] | None = None,
                       **kwargs) -> LoadedModel:
     """Warm up in fp32; in auto mode keep `candidate` only when it is close to fp32.
     cast=True: the candidate is a copy of the module prepared once (channels_last where it
     helps, weights cast to bf16/fp16 with the end convolutions in fp32); the fp32 module stays
     as the fallback for non-finite output. compile=True: torch.compile the module used, here,
-    at warm-up (never per photo)."""
+    at warm-up (never per photo). reload: rebuilds the fp32 module from its file; given, the
+    fp32 module is not kept beside the cast one. (TorchScript trace + freeze was measured too,
+    scripts/bench: no faster than this eager module on CPU, and its first call per input shape
+    costs tens of CPU seconds of profiling: not used.)"""
     ref = run_model(lm, sample, device, **kwargs).cpu().numpy()
     cl = cast and lm.family in CHANNELS_LAST_FAMILIES
     if candidate == "fp32" and not cl and not compile:
@@ -761,7 +827,8 @@ def _choose_precision(lm: LoadedModel, candidate: str, device: torch.device, exp
         try:
             fast = prepare_module(copy.deepcopy(lm.module), candidate, channels_last=cl)
             trial = LoadedModel(**{**lm.__dict__, "module": fast, "precision": candidate,
-                                   "cast": True, "channels_last": cl, "fallback": lm.module})
+                                   "cast": True, "channels_last": cl,
+                                   "fallback": None if reload else lm.module, "reload": reload})
             got = run_model(trial, sample, device, **kwargs).cpu().numpy()
         except (RuntimeError, TypeError) as exc:     # an architecture that will not cast
             if explicit:
@@ -835,25 +902,31 @@ def build_enhancer(settings: EnhancerSettings, *,
                 raise WeightsMissingError(f"weights {name}: {exc} — run `photoenhanced "
                                           f"weights fetch {name}`", missing=[name]) from exc
             lm = LoadedModel(name, arch, digest, source, path, module, "fp32", details=details)
+            reload = _reloader(resolved[role][4], path, role, device)
+            del module
             if role == "background":
                 multiple = max(2, details.multiple_of if details else 1)
                 side = max(48, details.minimum if details else 0, multiple)
                 side = -(-side // multiple) * multiple
                 sample = torch.from_numpy(test_pattern(side, side).transpose(2, 0, 1).copy())[None]
                 lm = _choose_precision(lm, candidate, device, explicit, sample.to(device),
-                                       cast=True, compile=settings.compile)
+                                       cast=True, compile=settings.compile, reload=reload)
             elif role == "face":
                 sample = torch.from_numpy(test_pattern(512, 512).transpose(2, 0, 1).copy())[None]
                 lm = _choose_precision(lm, candidate, device, explicit,
-                                       ((sample - 0.5) / 0.5).to(device),
-                                       **_face_call(lm, settings.face_fidelity))
-            elif role == "parser":
-                run_model(lm, torch.zeros(1, 3, 512, 512, device=device), device)
+                                       ((sample - 0.5) / 0.5).to(device), cast=True,
+                                       reload=reload, **_face_call(lm, settings.face_fidelity))
+            elif role == "parser":     # only its argmax is used: bf16 + channels_last (auto)
+                sample = torch.from_numpy(test_pattern(512, 512).transpose(2, 0, 1).copy())[None]
+                lm = _choose_precision(lm, candidate, device, explicit,
+                                       ((sample - 0.5) / 0.5).to(device), cast=True,
+                                       reload=reload)
             else:   # detector
                 lm.module.detect_faces(np.full((64, 64, 3), 128.0, np.float32), conf_threshold=0.97)
             loaded[role] = lm
             log.info("model.loaded", role=role, name=name, arch=arch, source=source,
                      precision=lm.precision, ms=round((time.monotonic() - t0) * 1000))
+    release_free_memory()
     enhancer = RealEnhancer(settings, device, loaded, profiles)
     log.info("enhancer.ready", device=str(device), profiles=sorted(profiles),
              ms=round((time.monotonic() - started) * 1000))

@@ -257,3 +257,57 @@ def test_batched_tiles_equal_tiles_one_at_a_time():
         pipeline.stream_upscale(pipeline.sr_callable(lm, CPU), img, 2, batched, 32, pad=8,
                                 many=pipeline.sr_batch_callable(lm, CPU, batch=3))
     assert np.array_equal(single, batched)
+
+
+def test_face_batch_is_derived_from_memory():
+    gb = 2**30
+    # plenty of RAM: the CPU budget binds (FACE_BUDGET_CPU), not the free memory
+    big = pipeline.face_batch(CPU, "face", "bf16", free_bytes=64 * gb)
+    assert big == max(1, int(pipeline.FACE_BUDGET_CPU // pipeline.FACE_BYTES["face"]))
+    assert big * pipeline.FACE_BYTES["face"] <= pipeline.FACE_BUDGET_CPU
+    # fp32 activations are twice as large: never more faces per pass than in bf16
+    assert pipeline.face_batch(CPU, "face", "fp32", free_bytes=64 * gb) <= big
+    # the parser's activations are smaller: more parses than restorations per pass
+    assert pipeline.face_batch(CPU, "parser", "bf16", free_bytes=64 * gb) > big
+    # little free memory: one face at a time, never zero
+    assert pipeline.face_batch(CPU, "face", "bf16", free_bytes=100 * 2**20) == 1
+
+
+def test_onednn_isa_cap_makes_auto_choose_as_on_an_avx2_cpu():
+    # whatever this CPU has, oneDNN capped to AVX2 has no native bf16 (scripts/bench --isa avx2)
+    assert pipeline.cpu_has_native_bf16({"ONEDNN_MAX_CPU_ISA": "AVX2"}) is False
+    assert pipeline.cpu_has_native_bf16({"ONEDNN_MAX_CPU_ISA": "avx512_core"}) is False
+    # an uncapped or bf16-capable cap leaves the answer to the CPU's flags
+    flags = pipeline.cpu_has_native_bf16({})
+    assert pipeline.cpu_has_native_bf16({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}) == flags
+
+
+def test_cast_model_reloads_fp32_from_its_file_instead_of_keeping_a_copy():
+    net = _rrdb()
+    reloads = []
+
+    def reload():
+        reloads.append(1)
+        return _rrdb()
+    lm = pipeline.LoadedModel("m", "rrdbnet-x4", "", "", None,
+                              pipeline.prepare_module(_rrdb(), "bf16"), "bf16", cast=True,
+                              channels_last=True, reload=reload)
+    x = torch.rand(1, 3, 12, 12)
+    with torch.inference_mode():
+        assert torch.allclose(pipeline._forward(lm, x, CPU, "fp32"), net(x), atol=1e-6)
+        pipeline._forward(lm, x, CPU, "bf16")
+    assert reloads == [1]                      # only the fp32 (fallback) call read the file
+
+
+def test_built_bf16_model_keeps_no_resident_fp32_copy(tmp_path):
+    manifest = make_weights_dir(tmp_path, ["realesr-general-x4v3"])
+    enh = pipeline.build_enhancer(EnhancerSettings(
+        weights_dir=tmp_path, precision="bf16", background_model="realesr-general-x4v3",
+        needs=(("upscale", 4.0),)), manifest=manifest)
+    bg = enh.model("background")
+    assert bg.cast and bg.precision == "bf16" and bg.fallback is None
+    ref = bg.reload()
+    assert all(p.dtype == torch.float32 for p in ref.parameters())
+    x = torch.from_numpy(_astronaut(12, 12).transpose(2, 0, 1).copy())[None]
+    with torch.inference_mode():
+        assert torch.allclose(pipeline._forward(bg, x, CPU, "fp32"), ref(x), atol=1e-6)
