@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from _invariants import (Canaries, Cand, NotifyRecorder, check, cli_problems, drop, ended, image_bytes,
+from _invariants import (Canaries, Cand, NotifyRecorder, _show, check, cli_problems, drop, ended, image_bytes,
                          log_problems, sha, sidecar_count, walk)
 from conftest import PY, ROOT, DaemonProc, write_config
 
@@ -87,6 +87,7 @@ class Campaign:
         self.problems: list[str] = []
         self.observations: list[str] = []
         self.swaps: dict[str, dict] = {}               # sub-folder → {stash, target, until}
+        self.away: set[str] = set()                    # sha256 of originals whose job ended while away
         self.fifos: dict[bytes, dict] = {}             # rel → {stash, until}
         self.chmods: dict[Path, dict] = {}             # path → {mode, until}
         self.ballast: dict | None = None
@@ -232,6 +233,7 @@ class Campaign:
         s = sha(data)
         if s in self.expected and s in ended(self.tmp):
             self.expected[s].archived = False
+            self.away.add(s)
             self.figures["ended while away"] += 1
             return True
         return False
@@ -543,9 +545,16 @@ def run_campaign(tmp_path: Path, cycles: int, seed: int, delay: float = 0.03) ->
         c.problems += c.notify.problems()[:10]
         c.restore_all()
         report = check(tmp_path, c.expected, canary=c.canaries, archive=True, assert_ok=False)
+        # a job that FAILED while its original was away (its folder swapped for a symlink) could not
+        # move the original into failed/ (the publish takes an unreachable original as gone, as for
+        # the archive of a done job): its sidecar stands alone, and the user is taken to have removed it
+        alone = {f"failed/{_show(e.rel)}: sidecar without its file beside it" for e in walk(tmp_path / "failed")
+                 if e.rel.endswith(b".json") and e.data and _input_sha(e.data) in c.away}
+        report.problems = [p for p in report.problems if p not in alone]
+        fig_alone = len(alone)
         fig = dict(c.figures)
         fig.update({"lost": report.lost, "duplicated": report.duplicated, "done": report.outcomes["done"],
-                    "failed": report.outcomes["failed"]})
+                    "failed": report.outcomes["failed"], "failed while away (original not in failed/)": fig_alone})
         print(f"\nfault campaign (seed {seed}, {cycles} cycles planned): "
               + ", ".join(f"{k}={v}" for k, v in sorted(fig.items())))
         for o in c.observations:
@@ -558,6 +567,13 @@ def run_campaign(tmp_path: Path, cycles: int, seed: int, delay: float = 0.03) ->
         if c is not None:
             c.close()
         subprocess.run(["umount", "-l", str(tmp_path / "state")], capture_output=True)
+
+
+def _input_sha(data: bytes) -> str | None:
+    try:
+        return json.loads(data)["input"]["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _poison_checks(tmp_path: Path, poison: str, jobs: list[dict]) -> list[str]:

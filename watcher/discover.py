@@ -268,6 +268,84 @@ class _OverflowSignal(logging.Handler):
 _WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 
+def _real_dirs_below(root: bytes, path: bytes) -> list[bytes]:
+    """Every folder below `path` (root or a folder under it), itself excluded, found through
+    descriptors opened with O_NOFOLLOW from root (safefs): a symlink on the way is never listed."""
+    rel = os.path.relpath(path, root)
+    if rel == b".." or rel.startswith(b"../"):
+        return []
+    parts = [] if rel == b"." else [os.fsdecode(p) for p in rel.split(b"/")]
+    try:
+        fd = safefs.open_dir(Path(os.fsdecode(root)), parts)
+    except OSError:
+        return []
+
+    def subdirs(dfd: int) -> list[str]:
+        try:
+            with os.scandir(dfd) as it:
+                return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+    out: list[bytes] = []
+    stack = [(fd, path, subdirs(fd))]            # only the folders on the current chain are open
+    try:
+        while stack:
+            dfd, here, names = stack[-1]
+            if not names:
+                stack.pop()
+                os.close(dfd)
+                continue
+            name = names.pop()
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:
+                continue                         # swapped for a symlink, gone or unreadable meanwhile
+            out.append(here + b"/" + os.fsencode(name))
+            stack.append((sub, out[-1], subdirs(sub)))
+    finally:
+        for dfd, _, _ in stack:
+            os.close(dfd)
+    return out
+
+
+def _observer() -> Any:
+    """watchdog's observer. On Linux its recursive inotify emitter walks a folder that appears by
+    path (os.walk, which follows the folder itself when it is a symlink by then): a sub-folder
+    swapped for a symlink between the event and the walk would have an outside folder listed. So
+    the watches below a folder are found through safefs descriptors, and the create events watchdog
+    makes up for a new folder's content are not made (discovery scans a folder that appears itself,
+    through safefs: `tree=True`)."""
+    from watchdog.observers import Observer
+    try:
+        from watchdog.observers import inotify as wi
+    except ImportError:                          # not Linux
+        return Observer()
+    if Observer is not wi.InotifyObserver:
+        return Observer()
+
+    class _Group(wi.InotifyWatchGroup):
+        def _add_all_callbacks(self, path: bytes) -> None:
+            self._add_callback(path)             # inotify_add_watch with IN_DONT_FOLLOW: opens nothing
+            if self.is_recursive:
+                for sub in _real_dirs_below(self.path, path):
+                    self._add_callback(sub)
+
+        def _recursive_simulate(self, src_path: bytes) -> list:
+            return []
+
+    class _Emitter(wi.InotifyEmitter):
+        def on_thread_start(self) -> None:
+            self._inotify = _Group(self._inotify_fd, os.fsencode(self.watch.path),
+                                   is_recursive=self.watch.is_recursive,
+                                   event_mask=self.get_event_mask_from_filter(),
+                                   follow_symlink=self.watch.follow_symlink)
+
+    observer = wi.InotifyObserver()
+    observer._emitter_class = _Emitter
+    return observer
+
+
 # --------------------------------------------------------------------------- discovery
 
 class Discovery:
@@ -337,9 +415,7 @@ class Discovery:
     def _start_observer(self) -> None:
         if self.effective_mode != "events" or self._observer is not None:
             return
-        from watchdog.observers import Observer
-
-        observer = Observer()
+        observer = _observer()
         try:
             observer.schedule(_make_handler(self._sink), str(self.inbox),
                               recursive=self._recursive, follow_symlink=False)
