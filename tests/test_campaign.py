@@ -50,6 +50,7 @@ class CampaignDaemon(DaemonProc):
 
     def __init__(self, config: Path, env: dict, prefix: list[str]):
         self.config = config
+        self.accounted = False              # its end counted (Campaign.account_exit)
         self.log = config.parent / f"daemon-{time.monotonic_ns()}.log"
         e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
         e.update({"PYTHONPATH": str(ROOT), **env})
@@ -109,7 +110,9 @@ class Campaign:
         self.canaries.watch_dir(self.outside)
         self.notify = NotifyRecorder(tmp_path / "notify.sock")
         self.env = {"FAKE_POISON": "1", "FAKE_DELAY": str(delay), "NOTIFY_SOCKET": str(self.notify.path),
-                    "WATCHDOG_USEC": "20000000"}
+                    "WATCHDOG_USEC": "20000000",
+                    # every open or listing inside the outside folder, with its stack (run_daemon.py)
+                    "PE_AUDIT_OUTSIDE": str(self.outside) + "/", "PE_AUDIT_LOG": str(tmp_path / "audit.log")}
         self.cfg = write_config(tmp_path, watch={"mode": "events", "settle_seconds": 0.2, "rescan_interval": 1,
                                                  "poll_interval": 0.3},
                                 jobs={"max_attempts": 3, "backoff_seconds": [0.1], "stop_timeout": 2,
@@ -128,7 +131,15 @@ class Campaign:
     def ensure_running(self) -> None:
         if self.d is not None and self.d.proc.poll() is None:
             return
-        if self.d is not None:
+        self.account_exit()
+        if self.stop_early is None:
+            self.start()
+
+    def account_exit(self) -> None:
+        """Count how the daemon ended, once (also before a corruption resets the poison count: a
+        poison kill that came first belongs to the count before it)."""
+        if self.d is not None and self.d.proc.poll() is not None and not self.d.accounted:
+            self.d.accounted = True
             rc = self.d.proc.returncode
             if self.killed_by_us:
                 pass
@@ -151,8 +162,6 @@ class Campaign:
                 elif self.figures["unexpected exits"] > self.crash_guard:
                     self.stop_early = f"crash loop: {self.figures['unexpected exits']} exits (last rc {rc})"
             self.figures["restarts"] += 1
-        if self.stop_early is None:
-            self.start()
 
     def kill(self) -> None:
         if self.d is not None and self.d.proc.poll() is None:
@@ -360,6 +369,7 @@ class Campaign:
         self.figures[f"queue corrupted ({mode})"] += 1
         self.figures["queue corruptions"] += 1
         self.corrupt_pending = self.figures["queue corruptions"]
+        self.account_exit()
         self.poison_kills = 0          # a rebuilt queue starts the count again (the error event says so)
         return True
 
@@ -543,6 +553,9 @@ def run_campaign(tmp_path: Path, cycles: int, seed: int, delay: float = 0.03) ->
         for log in c.logs:
             c.problems += log_problems(log)[:5]
         c.problems += c.notify.problems()[:10]
+        audit = tmp_path / "audit.log"
+        if audit.exists():
+            c.problems.append("the daemon opened or listed the outside folder:\n" + audit.read_text()[:4000])
         c.restore_all()
         report = check(tmp_path, c.expected, canary=c.canaries, archive=True, assert_ok=False)
         # a job that FAILED while its original was away (its folder swapped for a symlink) could not
