@@ -28,43 +28,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import samba_rig
+
 SHARE = "photos"
 TOOLS = ("smbd", "smbclient", "smbnetfs", "fusermount", "nsenter")
 
-SMB_CONF = """\
-[global]
-  server role = standalone server
-  smb ports = 445
-  interfaces = {addrs}
-  bind interfaces only = yes
-  private dir = {root}/private
-  lock directory = {root}/lock
-  state directory = {root}/state
-  cache directory = {root}/cache
-  pid directory = {root}/pid
-  ncalrpc dir = {root}/ncalrpc
-  log file = {root}/log/smbd.%m
-  disable spoolss = yes
-  load printers = no
-  printing = bsd
-  printcap name = /dev/null
-  map to guest = Bad User
-  guest account = root
-  server min protocol = SMB2
-  kernel oplocks = no
-[{share}]
-  path = {share_dir}
-  read only = no
-  guest ok = yes
-  force user = root
-  create mask = 0644
-"""
+SMB_CONF = samba_rig.SMB_CONF        # the rig's server, listening on the hosts' veth addresses
 
 
 def missing() -> str | None:
     """Why SMB hosts cannot run here, or None (installs the rig's packages first, as root)."""
     if os.geteuid() == 0:
-        import samba_rig
         with contextlib.suppress(samba_rig.RigError):
             samba_rig.ensure_tools()
     gone = [t for t in TOOLS if shutil.which(t) is None]

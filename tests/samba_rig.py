@@ -63,7 +63,7 @@ SMB_CONF = """\
 [global]
   server role = standalone server
   smb ports = 445
-  interfaces = 127.0.0.1
+  interfaces = {addrs}
   bind interfaces only = yes
   private dir = {root}/private
   lock directory = {root}/lock
@@ -200,7 +200,7 @@ def start_samba(tmp: Path, *, timeout: float = 20) -> SambaRig:
         (root / sub).mkdir(parents=True, exist_ok=True)
     share_dir, mount_point = root / "share", root / "mnt"
     conf = root / "smb.conf"
-    conf.write_text(SMB_CONF.format(root=root, share=SHARE, share_dir=share_dir))
+    conf.write_text(SMB_CONF.format(root=root, addrs="127.0.0.1", share=SHARE, share_dir=share_dir))
     home = root / "home"
     (home / ".smb" / "smb.conf").write_text("[global]\n  client min protocol = SMB2\n  name resolve order = host\n")
     netfs_conf = home / ".smb" / "smbnetfs.conf"
