@@ -158,6 +158,8 @@ def test_enqueue_from_the_page(site, chrome):
     tmp, w = site
     chrome.get(f"{w.url}/")
     _wait_js(chrome, "return document.body.dataset.loaded === '1'")
+    # paused, so that the daemon cannot finish (and move) the photo before the page asks for it
+    assert w.request("POST", "/api/pause", w.auth())[0] == 200
     make_jpeg(tmp / "inbox" / "now" / "asked.jpg", size=(48, 32), seed=12)
     box = chrome.find_element("id", "enqueue-path")
     box.send_keys("now/asked.jpg")
@@ -166,6 +168,7 @@ def test_enqueue_from_the_page(site, chrome):
     _wait_js(chrome, "return /queued/.test(document.getElementById('enqueue-result').textContent)",
              what="the enqueue result")
     assert "now/asked.jpg" in chrome.find_element("id", "enqueue-result").text
+    assert w.request("POST", "/api/resume", w.auth())[0] == 200
     wait_for(lambda: _job(w, "asked.jpg")["state"] == "done", 20, 0.1, what="asked.jpg done")
     box.send_keys("../outside.jpg")
     chrome.find_element("id", "enqueue").click()
