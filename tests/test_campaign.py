@@ -560,9 +560,11 @@ def run_campaign(tmp_path: Path, cycles: int, seed: int, delay: float = 0.03) ->
         report = check(tmp_path, c.expected, canary=c.canaries, archive=True, assert_ok=False)
         # a job that FAILED while its original was away (its folder swapped for a symlink) could not
         # move the original into failed/ (the publish takes an unreachable original as gone, as for
-        # the archive of a done job): its sidecar stands alone, and the user is taken to have removed it
+        # the archive of a done job): its sidecar stands alone, says so (original_missing), and the user
+        # is taken to have removed it
         alone = {f"failed/{_show(e.rel)}: sidecar without its file beside it" for e in walk(tmp_path / "failed")
-                 if e.rel.endswith(b".json") and e.data and _input_sha(e.data) in c.away}
+                 if e.rel.endswith(b".json") and e.data and _input_sha(e.data) in c.away
+                 and b"original_missing" in e.data}
         report.problems = [p for p in report.problems if p not in alone]
         fig_alone = len(alone)
         fig = dict(c.figures)

@@ -397,3 +397,36 @@ def test_unreadable_subfolder_is_logged_once_and_skipped(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["got"] == ["ok/IMG_1.jpg"]
     assert out["events"] == [["discover.unreadable", "locked"]]  # once, despite the rescans
+
+
+def test_the_observer_never_walks_a_moved_in_folder_by_path(tmp_path):
+    """watchdog's inotify emitter walks a folder that was moved into the tree (os.walk by path) to
+    make up events for its content; if the folder was swapped for a symlink meanwhile, that walk
+    lists the folder outside (found by the fault campaign's audit). With the product's observer,
+    the names the emitter calls make up nothing and list nothing: a symlink to an outside folder
+    handed to them is never opened (an audit hook watches that folder)."""
+    import sys
+    from watcher.discover import _observer
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "secret.jpg").write_bytes(b"x")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "moved-in").symlink_to(outside)
+    seen: list[str] = []
+    mark = str(outside)
+
+    def hook(event, args):
+        if event in ("os.scandir", "os.listdir") and args and isinstance(args[0], (str, bytes)):
+            if os.path.realpath(os.fsdecode(args[0])).startswith(mark):
+                seen.append(f"{event} {os.fsdecode(args[0])}")
+    sys.addaudithook(hook)                     # stays for the process; it only looks at `outside`
+    observer = _observer()
+    from watchdog.observers import inotify as wi
+    made = list(wi.generate_sub_created_events(str(inbox / "moved-in")))
+    made += list(wi.generate_sub_moved_events(str(inbox / "elsewhere"), str(inbox / "moved-in")))
+    assert made == [] and seen == []
+    import watchdog.events as we                # the library's own function does list it: the test can fail
+    list(we.generate_sub_created_events(str(inbox / "moved-in")))
+    assert seen, "the audit hook saw nothing: this check would not notice a walk"
+    del observer

@@ -748,3 +748,37 @@ def test_adopt_orphans_places_a_sidecar_whose_result_was_placed_before_a_crash(d
     (dirs.outbox / "b/IMG.jpg").write_bytes(b"edited by someone")    # not the result the sidecar describes
     assert other.adopt_orphans() == 0
     assert not (dirs.outbox / "b/IMG.jpg.json").exists()
+
+
+@pytest.mark.parametrize("how", ["removed", "folder swapped for a link"])
+def test_a_failed_photo_whose_original_went_away_has_a_sidecar_that_says_so(dirs, tmp_path, how):
+    """The original left the inbox between the plan and its run (the user removed it, or its
+    folder was replaced by a symlink): failed/ holds only the sidecar, and the sidecar says that
+    rather than pointing at a file that is not there; running the plan again changes nothing."""
+    drop(dirs.inbox, "x/BAD.png")
+    pub = dirs.publisher()
+    plan = plan_failed(pub, "x/BAD.png")
+    if how == "removed":
+        (dirs.inbox / "x/BAD.png").unlink()
+    else:
+        outside = tmp_path / "elsewhere"
+        (dirs.inbox / "x").rename(outside)
+        (dirs.inbox / "x").symlink_to(outside)
+    pub.execute(plan)
+    assert not (dirs.failed / "x/BAD.png").exists()
+    side = json.loads((dirs.failed / "x/BAD.png.json").read_bytes())
+    assert "failed/ holds only this sidecar" in side["original_missing"]
+    assert "x/BAD.png" in side["original_missing"]
+    from _schema import validator
+    assert validator().schema["properties"]["original_missing"]["type"] == "string"   # a documented key
+    pub.execute(plan)                                                   # idempotent
+    assert json.loads((dirs.failed / "x/BAD.png.json").read_bytes()) == side
+    if how != "removed":
+        assert (tmp_path / "elsewhere" / "BAD.png").read_bytes() == ORIG   # never followed
+
+
+def test_a_failed_photo_moved_normally_has_no_missing_note(dirs):
+    drop(dirs.inbox, "BAD.png")
+    pub = dirs.publisher()
+    pub.execute(plan_failed(pub, "BAD.png"))
+    assert "original_missing" not in json.loads((dirs.failed / "BAD.png.json").read_bytes())

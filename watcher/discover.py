@@ -341,9 +341,20 @@ def _observer() -> Any:
                                    event_mask=self.get_event_mask_from_filter(),
                                    follow_symlink=self.watch.follow_symlink)
 
+    # The emitter also walks, by path, a folder moved into the tree to make up events for its
+    # content (watchdog.events.generate_sub_created_events / generate_sub_moved_events, os.walk):
+    # the same race. Discovery scans such a folder itself (a directory event → `tree=True`), so
+    # the made-up events are not needed; the names the emitter calls are replaced (this process
+    # runs one observer, ours).
+    wi.generate_sub_created_events = _no_sub_events
+    wi.generate_sub_moved_events = _no_sub_events
     observer = wi.InotifyObserver()
     observer._emitter_class = _Emitter
     return observer
+
+
+def _no_sub_events(*_paths) -> tuple:
+    return ()
 
 
 # --------------------------------------------------------------------------- discovery

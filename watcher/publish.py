@@ -460,14 +460,18 @@ class Publisher:
         step and may raise to stop before it (a host that lost its lease: watcher.errors.LeaseLost)."""
         self._preflight(plan)
         first = True
+        missing = None                       # a failed photo's original, gone before it was moved
         for step in plan["steps"]:
             if before_step is not None:
                 before_step(step)
             try:
                 if step["op"] == "place":
+                    if missing is not None and step["dst"] == plan.get("sidecar"):
+                        self._note_missing(step, missing)
                     self._place(step, first)
                 elif step["op"] == "move":
-                    self._move(step)
+                    if not self._move(step) and plan.get("kind") == "failed" and step is plan["steps"][0]:
+                        missing = step["src"]
                 elif step["op"] == "delete":
                     self._delete(step)
                 else:
@@ -521,7 +525,9 @@ class Publisher:
                 _link_or_rename_at(tfd, tname, dfd, dname)
                 safefs.fsync_fd(dfd)
 
-    def _move(self, step: dict) -> None:
+    def _move(self, step: dict) -> bool:
+        """Move an original (link, or durable copy, then unlink). False: it was gone (or
+        unreachable behind a link) and nothing was moved; the plan goes on without it."""
         sroot, srel = self.locate(step["src"])
         droot, drel = self.locate(step["dst"])
         troot, trel = self.locate(step["tmp"])
@@ -544,15 +550,15 @@ class Publisher:
                 if same:
                     _unlink_at(sfd, sname, st)
                 _unlink_quiet_at(tfd, tname)
-                return
+                return True
             if not same:
                 tst = safefs.lstat_at(tfd, tname)
                 if tst is not None and tst.st_size == step["size"]:
                     _link_or_rename_at(tfd, tname, dfd, dname)   # the copy was complete and fsynced
                     safefs.fsync_fd(dfd)
-                else:
-                    log.warning("publish.original_gone", path=names.display(step["src"]))
-                return
+                    return True
+                log.warning("publish.original_gone", path=names.display(step["src"]))
+                return False
             try:
                 os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
@@ -562,6 +568,36 @@ class Publisher:
                 _link_or_rename_at(tfd, tname, dfd, dname)
             safefs.fsync_fd(dfd)
             _unlink_at(sfd, sname, st)
+            return True
+
+    def _note_missing(self, step: dict, src: str) -> None:
+        """A failed photo whose original was gone when it was to be moved into failed/: its
+        sidecar (still in the temp folder) says so, rather than pointing at a file that is not
+        there. Idempotent: a plan run again after a crash writes the same note."""
+        troot, trel = self.locate(step["tmp"])
+        with safefs.dir_of(troot, trel) as (fd, name):
+            try:
+                f, st = safefs.open_read_at(fd, name)
+            except FileNotFoundError:
+                return                                    # placed already
+            try:
+                doc = json.loads(safefs.read_fd(f, st.st_size))
+            finally:
+                os.close(f)
+            if "original_missing" in doc:
+                return
+            doc["original_missing"] = (f"the original was no longer at {names.display(src)} when the photo "
+                                       "failed (removed, or its folder replaced by a link): failed/ holds only "
+                                       "this sidecar")
+            out = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                data = _json_bytes(doc)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+                os.fsync(out)
+            finally:
+                os.close(out)
 
     def _delete(self, step: dict) -> None:
         root, rel = self.locate(step["src"])
