@@ -50,10 +50,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_synced(path: Path, data: bytes, exclusive: bool = True) -> None:
-    """Write `data` to `path` (a new file when `exclusive`) and fsync it; never follows a symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
+def write_synced(path: Path | str, data: bytes, exclusive: bool = True, dir_fd: int | None = None) -> None:
+    """Write `data` to `path` (a new file when `exclusive`; relative to `dir_fd` when given) and
+    fsync it; never follows a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -589,15 +590,7 @@ class Publisher:
             doc["original_missing"] = (f"the original was no longer at {names.display(src)} when the photo "
                                        "failed (removed, or its folder replaced by a link): failed/ holds only "
                                        "this sidecar")
-            out = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                data = _json_bytes(doc)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-                os.fsync(out)
-            finally:
-                os.close(out)
+            write_synced(name, _json_bytes(doc), exclusive=False, dir_fd=fd)
 
     def _delete(self, step: dict) -> None:
         root, rel = self.locate(step["src"])
