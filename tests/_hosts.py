@@ -31,13 +31,16 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 class Net:
     """One network namespace per host, or loopback when namespaces are not available."""
+    made = 0                                   # Nets made by this process (names and subnets differ)
 
     def __init__(self, n: int):
         self.n = n
-        self.tag = f"{os.getpid() % 10000:04d}"
-        # a /16 of its own per test process: two runs at once (two engineers, two sessions) must not
-        # route each other's 10.x.N.1 addresses (nor share smbd's port-445 addresses)
-        self.net16 = 100 + os.getpid() % 150
+        Net.made += 1
+        self.tag = f"{os.getpid() % 10000:04d}{Net.made % 10}"
+        # a /16 of its own per test process and per Net: two runs at once (two engineers, two
+        # sessions) must not route each other's 10.x.N.1 addresses (nor share smbd's port-445
+        # addresses), nor a later test a namespace an earlier one left behind (a process still in it)
+        self.net16 = 100 + (os.getpid() + 37 * Net.made) % 150
         self.cidr = f"10.{self.net16}.0.0/16"
         self.namespaces: list[str] = []
         self.netns = False
@@ -81,8 +84,9 @@ class Net:
             proc.proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
-        for ns in self.namespaces:
-            _ip("netns", "del", ns, check=False)      # its veth end goes with it, and so the pair
+        for i, ns in enumerate(self.namespaces, 1):
+            _ip("link", "del", f"pe{self.tag}r{i}", check=False)   # the pair goes at once, even while a
+            _ip("netns", "del", ns, check=False)                    # process still holds the namespace
         self.namespaces = []
 
 
