@@ -275,3 +275,19 @@ def test_a_travelling_xmp_companion_gets_the_history_entry_too(rig):
     got = (rig.cfg.folders.outbox / "x.xmp").read_bytes()
     assert b"holiday" in got and b"photoenhanced" in got and b"History" in got
     assert (rig.cfg.folders.archive / "x.xmp").read_bytes() == xmp      # the original companion, untouched
+
+
+def test_a_folder_swapped_for_a_link_at_intake_is_looked_at_again_and_queued_when_it_is_back(rig, tmp_path):
+    """Found by the fault campaign: the folder of a settled file was swapped for a symlink just as
+    it was taken. That is the folder's state, not the file's: the outcome is UNREADABLE (discovery
+    looks again), never a refusal that would leave the file unqueued once the folder is back."""
+    rig.drop("sub/x.jpg")
+    sub = rig.inbox / "sub"
+    away = tmp_path / "away"
+    sub.rename(away)
+    sub.symlink_to(away)
+    t = rig.take("sub/x.jpg")
+    assert t.outcome == intake.UNREADABLE and "symlink" in t.reason
+    sub.unlink()
+    away.rename(sub)
+    assert rig.take("sub/x.jpg").outcome == intake.QUEUED
