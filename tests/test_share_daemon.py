@@ -46,6 +46,8 @@ def test_daemon_on_a_share_takes_each_photo_once_and_complete(tmp_path, daemon_f
             wait_for(side.exists, 60, interval=0.3, what=f"{rel} done on the server side")
             meta = json.loads(side.read_text())
             assert meta["input"]["sha256"] == hashlib.sha256(data).hexdigest(), rel
+            # the original is archived after the sidecar is placed (the plan's last step)
+            wait_for((rig.share_dir / "archive" / rel).exists, 30, interval=0.3, what=f"{rel} archived")
             assert (rig.share_dir / "archive" / rel).read_bytes() == data
         time.sleep(1.0)
         queued = [e for e in d.events() if e.get("event") == "job.queued"]
