@@ -388,10 +388,8 @@ def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc keeps what the load and the last
     photo freed: measured 370 MB after loading the faces models). Linux/glibc only; a no-op
     elsewhere."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):     # no glibc: nothing to give back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def available_memory(device: torch.device) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -49,20 +48,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, smbd on port 445)"
     return None
-
-
-def _end(proc: subprocess.Popen) -> None:
-    """End a process started in its own session, and its children."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class SmbShare:
@@ -124,8 +109,8 @@ class SmbShare:
     def stop(self) -> None:
         for mp, p in self._mounts:
             subprocess.run(["fusermount", "-u", "-z", str(mp)], capture_output=True)
-            _end(p)
+            samba_rig._end_group(p)
         self._mounts = []
         if self._smbd is not None:
-            _end(self._smbd)
+            samba_rig._end_group(self._smbd)
             self._smbd = None
