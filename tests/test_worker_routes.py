@@ -279,7 +279,7 @@ def test_a_travelling_xmp_companion_gets_the_history_entry_too(rig):
 
 def test_a_folder_swapped_for_a_link_at_intake_is_looked_at_again_and_queued_when_it_is_back(rig, tmp_path):
     """Found by the fault campaign: the folder of a settled file was swapped for a symlink just as
-    it was taken. That is the folder's state, not the file's: the outcome is UNREADABLE (discovery
+    it was taken. That is the folder's state, not the file's: the outcome is FOLDER_LINK (the daemon
     looks again), never a refusal that would leave the file unqueued once the folder is back."""
     rig.drop("sub/x.jpg")
     sub = rig.inbox / "sub"
@@ -287,7 +287,7 @@ def test_a_folder_swapped_for_a_link_at_intake_is_looked_at_again_and_queued_whe
     sub.rename(away)
     sub.symlink_to(away)
     t = rig.take("sub/x.jpg")
-    assert t.outcome == intake.UNREADABLE and "symlink" in t.reason
+    assert t.outcome == intake.FOLDER_LINK and "symlink" in t.reason
     sub.unlink()
     away.rename(sub)
     assert rig.take("sub/x.jpg").outcome == intake.QUEUED

@@ -336,7 +336,7 @@ def cmd_enqueue(cfg, args) -> int:
                 print(f"job {t.job.id}: queued {shown}")
             elif t.outcome in (intake.ACTIVE, intake.BUSY):
                 print(f"{shown}: already queued (job {t.job.id})" if t.job else f"{shown}: already queued")
-            elif t.outcome == intake.REFUSED:
+            elif t.outcome in (intake.REFUSED, intake.FOLDER_LINK):
                 raise UsageError(f"{names.display(p)}: {t.reason}; symlinks and special files in the inbox are never followed")
             elif t.outcome == intake.VANISHED:
                 raise UsageError(f"{names.display(p)} is not a regular file")

@@ -565,7 +565,7 @@ class Daemon:
                 log.exception("discover.intake_error", path=c.rel)
                 self.discovery.recheck(c.rel, UNREADABLE_RECHECK_S)
                 continue
-            if t.outcome != intake.UNREADABLE:
+            if t.outcome not in (intake.UNREADABLE, intake.FOLDER_LINK):
                 self._unreadable.pop(c.rel, None)
             if t.outcome == intake.QUEUED:
                 log.info("job.queued", job=t.job.id, path=c.rel, bytes=t.size)
@@ -576,7 +576,7 @@ class Daemon:
                 self.discovery.recheck(c.rel, RECHECK_S)
             elif t.outcome == intake.CHANGED:
                 self.discovery.recheck(c.rel, 0)
-            elif t.outcome == intake.UNREADABLE:
+            elif t.outcome in (intake.UNREADABLE, intake.FOLDER_LINK):
                 if self._unreadable.get(c.rel) != t.reason:          # once per file and reason
                     self._unreadable[c.rel] = t.reason
                     log.warning("discover.unreadable_file", path=c.rel, reason=t.reason,

@@ -20,7 +20,9 @@ ACTIVE = "active"          # this very file already has a pending/running job
 BUSY = "busy"              # another file at this path has a pending/running job: take it when that ends
 CHANGED = "changed"        # size/mtime/identity changed while we looked: let it settle again
 VANISHED = "vanished"      # gone
-UNREADABLE = "unreadable"  # EACCES & co, or a folder on the way swapped for a symlink: look again later
+UNREADABLE = "unreadable"  # EACCES & co: look again later
+FOLDER_LINK = "folder_link"  # a folder on the way is a symlink: never followed; the daemon looks again
+                             # later (it may be a folder again), `enqueue` refuses it (usage error)
 REFUSED = "refused"        # a symlink on the way, a FIFO, a device …: never read
 
 
@@ -63,7 +65,7 @@ def take(queue: Queue, inbox: Path, rel: str, now: float, *, expect: tuple[int, 
     except FileNotFoundError:
         return Taken(VANISHED)
     except safefs.UnsafePath:                 # the folder, not the file: it may be a folder again soon
-        return Taken(UNREADABLE, reason="a folder on the way is a symlink: never followed")
+        return Taken(FOLDER_LINK, reason="a folder on the way is a symlink: never followed")
     except OSError as exc:
         return Taken(UNREADABLE, reason=exc.strerror or str(exc))
     if cur is None or not safefs.same_file(cur, st) or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):

@@ -1098,7 +1098,7 @@ def openapi() -> dict:
                 "path": {"type": "string"},
                 "path_b64": {"type": "string", "description": "the exact bytes of the name (URL-safe base64)"},
                 "outcome": {"type": "string", "enum": ["queued", "active", "busy", "changed", "vanished",
-                                                       "unreadable", "refused", "invalid"]},
+                                                       "unreadable", "folder_link", "refused", "invalid"]},
                 "job": nint, "reason": nstr}}},
         "error": {"type": "string"}, "status": {"type": "integer"}}}
     auth = [{"bearer": [], "csrf": []}, {"cookie": [], "csrf": []}]
