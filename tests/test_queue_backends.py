@@ -21,7 +21,7 @@ from _pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
 from watcher import backends
 from watcher.backends import Host, LeasedJob, SqliteQueue, mask_url
 from watcher.errors import InvalidTransition, LeaseLost, StateUnavailable, UnknownJob
-from watcher.queue import DONE, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, Finished, Job
+from watcher.queue import AHEAD, DONE, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, Finished, Job
 
 EVENTS = sorted({event for _, event in TRANSITIONS})
 T0 = 1_000_000.0
@@ -352,6 +352,23 @@ def test_claims_carry_increasing_tokens_and_a_lease_the_heartbeat_renews(make):
     assert [j.id for j in b.jobs(PENDING)] == [jobs[1].id, jobs[2].id]
     assert all(j.interruptions == 1 for j in b.jobs(PENDING))
     assert b.get(jobs[0].id).state == RUNNING
+
+
+def test_an_expired_lease_on_a_job_only_decoded_ahead_counts_no_interruption(make):
+    """As at a restart: a job marked AHEAD never reached the model, so its lease running out
+    returns it to pending without counting an interruption; the one in the model counts one."""
+    clock = Clock()
+    a = make(host=HOST_A, clock=clock, lease_s=10)
+    for name in ("model.jpg", "ahead.jpg"):
+        a.enqueue(name, 1, 1, "s", now=T0)
+    in_model, ahead = a.claim(now=T0 + 1), a.claim(now=T0 + 1)
+    a.set_plan(ahead.id, None, wait_reason=AHEAD)
+    clock.t += 11
+    b = make(host=HOST_B, clock=clock)
+    back = {j.id: j for j in b.expire_leases(now=T0 + 2)}
+    assert set(back) == {in_model.id, ahead.id}
+    assert b.get(in_model.id).interruptions == 1
+    assert b.get(ahead.id).interruptions == 0 and b.get(ahead.id).state == PENDING
 
 
 def test_an_expired_lease_goes_back_to_pending_and_the_old_holder_is_fenced_off(make):

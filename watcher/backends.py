@@ -303,12 +303,14 @@ class SqliteQueue(Queue):
         return job
 
     def _expire(self, db, now: float) -> list[Job]:
-        rows = db.execute("SELECT l.job_id, j.interruptions, l.host, l.token FROM leases l JOIN jobs j"
-                          " ON j.id = l.job_id WHERE l.expires < ? AND j.state = 'running'",
+        rows = db.execute("SELECT l.job_id, j.interruptions, j.wait_reason, l.host, l.token FROM leases l"
+                          " JOIN jobs j ON j.id = l.job_id WHERE l.expires < ? AND j.state = 'running'",
                           (self.clock(),)).fetchall()
         out = []
-        for job_id, n, host, token in rows:
-            out.append(Queue._transition(self, db, job_id, "requeue", now, not_before=0, interruptions=n + 1))
+        for job_id, n, why, host, token in rows:
+            # a job only decoded ahead never reached the model: not an interruption (as at restart)
+            out.append(Queue._transition(self, db, job_id, "requeue", now, not_before=0,
+                                         interruptions=n + (why != q.AHEAD)))
             db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
             log.warning("queue.lease_expired", job=job_id, host=host, token=token, action="back to pending")
         return out

@@ -43,7 +43,7 @@ from . import queue as q
 from .backends import (DEFAULT_LEASE_S, HOST_COLS, HOSTS_GONE_S, HOSTS_KEEP_S, Host, LeasedJob, leased, mask_url,
                        scrub)
 from .errors import InvalidTransition, LeaseLost, StateUnavailable, UnknownJob, WatcherError
-from .queue import DONE, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, Finished, Job
+from .queue import AHEAD, DONE, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, Finished, Job
 
 log = structlog.get_logger(__name__)
 
@@ -368,10 +368,11 @@ class PgQueue:
         sql_now, params = self._now_sql()
         cur.execute(f"WITH x AS (SELECT id FROM jobs WHERE state = 'running' AND lease_expires < {sql_now}"
                     f" FOR UPDATE SKIP LOCKED)"
-                    f" UPDATE jobs j SET state = 'pending', not_before = 0, interruptions = j.interruptions + 1,"
+                    f" UPDATE jobs j SET state = 'pending', not_before = 0, interruptions = j.interruptions"
+                    f" + CASE WHEN j.wait_reason IS NOT DISTINCT FROM %s THEN 0 ELSE 1 END,"
                     f" updated = %s, lease_host = NULL, lease_expires = NULL FROM x WHERE j.id = x.id"
                     f" RETURNING {', '.join('j.' + c.strip() for c in _COLS.split(','))}, j.token",
-                    (*params, now))
+                    (*params, AHEAD, now))
         rows = cur.fetchall()
         out = []
         for r in rows:
