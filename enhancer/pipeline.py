@@ -632,8 +632,11 @@ class RealEnhancer:
             t = self._settings.tile
         else:
             t = auto_tile(self._device, bg.arch)
-            if self._device.type == "cpu":     # the budget holds the padded tile (measured:
-                t = max(TILE_FLOOR, t - 2 * TILE_PAD)   # 12 MP full peaked 3.6 GB at 480+64)
+            if self._device.type == "cpu":
+                if h * w <= t * t:             # the whole image fits the activation budget:
+                    t = 0                      # one tile, no overlap computed twice
+                else:                          # the budget holds the padded tile (measured:
+                    t = max(TILE_FLOOR, t - 2 * TILE_PAD)   # 12 MP full peaked 3.6 GB at 480+64)
         if params.attempt > 1:
             base = t if t > 0 else max(h, w)
             t = max(TILE_FLOOR, base // 2 ** (params.attempt - 1))

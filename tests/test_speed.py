@@ -311,3 +311,17 @@ def test_built_bf16_model_keeps_no_resident_fp32_copy(tmp_path):
     x = torch.from_numpy(_astronaut(12, 12).transpose(2, 0, 1).copy())[None]
     with torch.inference_mode():
         assert torch.allclose(pipeline._forward(bg, x, CPU, "fp32"), ref(x), atol=1e-6)
+
+
+def test_cpu_auto_tile_takes_the_whole_image_when_it_fits_the_budget(upscaler):
+    """Overlap is only paid when tiling is needed: an image whose activations fit the budget
+    unpadded runs as one tile (reported as 0, the whole image); a bigger one is tiled with
+    the budget holding each padded tile."""
+    img = _astronaut(60, 44)
+    res = upscaler.enhance(img, Params(profile="upscale", upscale=2.0))
+    assert res.tile == 0
+    full = pipeline.auto_tile(CPU, "srvgg-x4")
+    assert upscaler._tile_for(Params(profile="upscale", upscale=2.0), full, full) == 0
+    big = upscaler._tile_for(Params(profile="upscale", upscale=2.0), full + 2, full)
+    assert big == full - 2 * pipeline.TILE_PAD
+    assert upscaler._tile_for(Params(profile="upscale", upscale=2.0, attempt=2), 400, 300) == 200
