@@ -308,9 +308,8 @@ class SqliteQueue(Queue):
                           (self.clock(),)).fetchall()
         out = []
         for job_id, n, why, host, token in rows:
-            # a job only decoded ahead never reached the model: not an interruption (as at restart)
             out.append(Queue._transition(self, db, job_id, "requeue", now, not_before=0,
-                                         interruptions=n + (why != q.AHEAD)))
+                                         interruptions=q.interrupted(n, why)))
             db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
             log.warning("queue.lease_expired", job=job_id, host=host, token=token, action="back to pending")
         return out

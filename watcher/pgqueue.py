@@ -368,6 +368,7 @@ class PgQueue:
         sql_now, params = self._now_sql()
         cur.execute(f"WITH x AS (SELECT id FROM jobs WHERE state = 'running' AND lease_expires < {sql_now}"
                     f" FOR UPDATE SKIP LOCKED)"
+                    # interruptions: queue.interrupted, in SQL
                     f" UPDATE jobs j SET state = 'pending', not_before = 0, interruptions = j.interruptions"
                     f" + CASE WHEN j.wait_reason IS NOT DISTINCT FROM %s THEN 0 ELSE 1 END,"
                     f" updated = %s, lease_host = NULL, lease_expires = NULL FROM x WHERE j.id = x.id"

@@ -55,6 +55,13 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # restart returns it to pending without counting an interruption (it was not being worked on)
 AHEAD = "decoded ahead, waiting for the model"
 
+
+def interrupted(interruptions: int, wait_reason: str | None) -> int:
+    """The count after a running job is sent back to pending without finishing (restart, lease
+    expiry): one more, unless it only waited, decoded ahead (AHEAD), and never reached the model."""
+    return interruptions + (wait_reason != AHEAD)
+
+
 SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: """
@@ -576,7 +583,7 @@ class Queue:
             rows = db.execute("SELECT id, interruptions, wait_reason FROM jobs WHERE state = 'running'"
                               " ORDER BY id").fetchall()
             return [self._transition(db, i, "requeue", now, not_before=0, wait_reason=None,
-                                     interruptions=n + (w != AHEAD)) for i, n, w in rows]
+                                     interruptions=interrupted(n, w)) for i, n, w in rows]
 
     def requeue(self, job_id: int, now: float | None = None) -> Job:
         """A graceful stop before the job finished: back to pending, no interruption counted."""
