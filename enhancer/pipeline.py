@@ -473,13 +473,17 @@ def align_face(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray] |
 
 
 # All faces of a photo go through the face model (and the parser) in one forward pass, up to
-# a cap derived from memory. Peak bytes each 512² face adds to one pass, measured on CPU
-# (scripts/bench --group): GFPGAN with bf16 weights 0.3–0.46 GB, ParseNet bf16 0.13–0.16 GB;
-# fp32 about twice that. On CPU the cap is what binds: with weights cast to bf16 once, a face
-# costs the same time alone or in a batch (1.4–1.5 s, 2 cores), while each face in the batch
-# adds its activations to the peak, and a 24 MP photo must stay under 3 GB RSS (input, 8-bit
-# output and models already hold ~2 GB) — so CPU batches hold what FACE_BUDGET_CPU allows.
-FACE_BYTES = {"face": 460_000_000, "parser": 160_000_000}
+# a cap derived from memory. Peak bytes a forward pass adds per 512² face, measured on CPU
+# (GFPGAN v1.4, ParseNet; scripts/bench --group and /proc/self/status VmHWM): with weights cast
+# to bf16 once, GFPGAN 0.3–0.46 GB, ParseNet 0.13–0.16 GB; in fp32 (AVX2-only CPUs) GFPGAN
+# 0.74–0.78 GB and ParseNet 0.38 GB plus 0.17 GB per pass (one face 0.54 GB, three 1.29 GB:
+# the old "twice bf16" guess let a batch of three parses take a 2 MP photo to 2.96 GB). On
+# CPU the cap is what binds: a face costs the same time alone or in a batch (1.4–1.5 s bf16,
+# 2 cores), while each face in the batch adds its activations to the peak, and a 24 MP photo
+# must stay under 3 GB RSS (models, input and runtime already hold ~1.6 GB) — so CPU batches
+# hold what FACE_BUDGET_CPU allows. Faces run before the output buffer exists (RealEnhancer).
+FACE_BYTES = {("face", "bf16"): 460_000_000, ("face", "fp32"): 800_000_000,
+              ("parser", "bf16"): 160_000_000, ("parser", "fp32"): 420_000_000}
 FACE_BUDGET_CPU = 1_000_000_000
 MAX_FACE_BATCH = {"cpu": 16, "cuda": 16}
 
@@ -487,8 +491,9 @@ MAX_FACE_BATCH = {"cpu": 16, "cuda": 16}
 def face_batch(device: torch.device, role: str, precision: str = "fp32",
                free_bytes: int | None = None) -> int:
     """Faces per forward pass for `role` (face | parser): as many as the memory budget holds
-    (CPU: min(40 % of free RAM, FACE_BUDGET_CPU); CUDA: half the free device memory)."""
-    per = FACE_BYTES[role] * (2 if precision == "fp32" else 1)
+    (CPU: min(40 % of free RAM, FACE_BUDGET_CPU); CUDA: half the free device memory). fp16
+    activations are the size of bf16's."""
+    per = FACE_BYTES[(role, "fp32" if precision == "fp32" else "bf16")]
     free = available_memory(device) if free_bytes is None else free_bytes
     budget = free * 0.5 if device.type == "cuda" else min(free * 0.4, FACE_BUDGET_CPU)
     return max(1, min(MAX_FACE_BATCH.get(device.type, 16), int(budget // per)))
@@ -684,6 +689,13 @@ class RealEnhancer:
         dtype = {0: np.float32, 8: np.uint8, 16: np.uint16}[params.bits]
         ping = progress and (lambda **info: _ping(progress, **info))
         with torch.inference_mode():
+            # Faces first, pasted last: their models' activations peak before the output buffer
+            # exists, and the tiles' activations after the face crops were let go (a 24 MP photo's
+            # peak is the larger of the two stages, not their sum). The result is the same.
+            boxes: list = []
+            restored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            if params.profile in ("faces", "full"):
+                restored = self._restore(image, timings, progress, boxes)
             t0 = time.monotonic()
             if params.profile in ("full", "upscale"):
                 bg = self._models["background"]
@@ -699,9 +711,15 @@ class RealEnhancer:
                 tiles.stream_tiled(lambda x: x, image, 1, background, RESIZE_BAND, pad=8)
             timings["upscale"] = (time.monotonic() - t0) * 1000
             _ping(progress)
-            boxes: list = []
-            if params.profile in ("faces", "full"):
-                faces_done = self._faces(image, background, timings, progress, boxes)
+            if restored:
+                t0 = time.monotonic()
+                sy, sx = oh / h, ow / w
+                while restored:                  # each face let go once it is in the output
+                    face_img, mask, affine = restored.pop(0)
+                    paste_face(background, face_img, mask, affine, sy, sx)
+                    faces_done += 1
+                    _ping(progress)
+                timings["paste"] = (time.monotonic() - t0) * 1000
         if background.dtype == np.float32:
             background = np.clip(background, 0.0, 1.0, out=background)
         used = [lm for role, lm in self._models.items()
@@ -713,13 +731,14 @@ class RealEnhancer:
                       tile=used_tile, timings_ms={k: round(v, 1) for k, v in timings.items()},
                       bits=params.bits, face_boxes=boxes)
 
-    def _faces(self, image: np.ndarray, background: np.ndarray, timings: dict[str, float],
-               progress: Callable[[], None] | None, boxes: list | None = None) -> int:
-        """Detect, align, restore all faces in batches, parse, paste (in place). Count. The boxes
-        of the faces restored go into `boxes` (relative coordinates, see Result.face_boxes)."""
+    def _restore(self, image: np.ndarray, timings: dict[str, float],
+                 progress: Callable[[], None] | None, boxes: list | None = None
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Detect, align, restore all faces in batches, parse: (face float32 512², mask, affine)
+        per face, ready for paste_face onto the output. The boxes of the faces restored go into
+        `boxes` (relative coordinates, see Result.face_boxes)."""
         dev = self._device
         h, w = image.shape[:2]
-        oh, ow = background.shape[:2]
         t0 = time.monotonic()
         faces = detect_faces(self._models["detector"], image, dev)
         timings["detect"] = (time.monotonic() - t0) * 1000
@@ -736,7 +755,7 @@ class RealEnhancer:
                 boxes.append(face_box(face, w, h))
         if not aligned:
             timings["restore"] = (time.monotonic() - t0) * 1000
-            return 0
+            return []
         crops = [c for c, _ in aligned]
         try:
             restored = restore_faces(self._models["face"], crops, dev,
@@ -748,17 +767,14 @@ class RealEnhancer:
             raise EnhanceError(f"face restoration failed: {exc}") from exc
         strength = float(self._settings.face_strength)
         masks = face_masks(self._models["parser"], restored, dev)
-        sy, sx = oh / h, ow / w
+        out = []
         for crop, (_, affine), face_img, mask in zip(crops, aligned, restored, masks):
             if strength < 1.0:      # identity over beauty: part of the original face stays
                 face_img = strength * face_img + (1.0 - strength) * crop
-            paste_face(background, face_img.astype(np.float32, copy=False), mask, affine, sy, sx)
-            _ping(progress)
+            out.append((face_img.astype(np.float32, copy=False), mask, affine))
         timings["restore"] = (time.monotonic() - t0) * 1000
-        return len(aligned)
+        return out
 
-
-# ---------------------------------------------------------------------------- building
 
 def _resolve(ref: str, role: str, weights_dir: Path, manifest: Mapping[str, weights.WeightSpec]
              ) -> tuple[str, Path, str, str, str]:

@@ -69,6 +69,42 @@ def test_full_profile_uses_background_model_and_tiles(built):
     assert {m.name for m in res.models} == set(NAMES)
 
 
+def test_full_profile_restores_faces_before_the_output_exists_and_pastes_them_after(built):
+    """A 24 MP photo's peak is the larger of the two stages, not their sum: while the face
+    models run, no output buffer is held (numpy's allocations are traced), and the faces are
+    pasted into the upscaled output afterwards, exactly as a paste right after the upscale."""
+    import tracemalloc
+    enh, _, _ = built
+    img = np.ascontiguousarray(_astronaut(192)[:, :160])
+    out_bytes = 384 * 320 * 3 * 2        # the 16-bit output of upscale 2: a size nothing else has
+    held: dict[str, list[bool]] = {"face": [], "parser": [], "background": []}
+
+    def look(role):
+        sizes = {t.size for t in tracemalloc.take_snapshot().traces}
+        held[role].append(out_bytes in sizes)
+    hooks = [enh.model(role).module.register_forward_pre_hook(lambda m, a, role=role: look(role))
+             for role in held]
+    tracemalloc.start()
+    try:
+        res = enh.enhance(img, Params(profile="full", upscale=2, bits=16, tile=0))
+    finally:
+        tracemalloc.stop()
+        for h in hooks:
+            h.remove()
+    assert res.faces == 1 and res.image.dtype == np.uint16 and res.image.nbytes == out_bytes
+    assert held["face"] == [False] and held["parser"] == [False]   # restored before it existed
+    assert held["background"] == [True]                            # the tiles write into it
+    # same pixels as upscaling first and pasting the same restored faces onto it
+    plain = enh.enhance(img, Params(profile="upscale", upscale=2, bits=16, tile=0)).image
+    ref = plain.copy()
+    for face, mask, affine in enh._restore(img, {}, None):
+        pipeline.paste_face(ref, face, mask, affine, 2.0, 2.0)
+    assert np.array_equal(res.image, ref)
+    changed = np.abs(res.image.astype(int) - plain.astype(int)).max(axis=2) > 512
+    assert changed[40:140, 150:260].mean() > 0.3 and not changed[300:, 250:].any()
+    assert "paste" in res.timings_ms
+
+
 @pytest.mark.parametrize("upscale,shape", [(4.0, (256, 192, 3)), (1.5, (96, 72, 3)),
                                            (2.5, (160, 120, 3))])
 def test_upscale_profile_output_size(built, upscale, shape):

@@ -263,10 +263,17 @@ def test_face_batch_is_derived_from_memory():
     gb = 2**30
     # plenty of RAM: the CPU budget binds (FACE_BUDGET_CPU), not the free memory
     big = pipeline.face_batch(CPU, "face", "bf16", free_bytes=64 * gb)
-    assert big == max(1, int(pipeline.FACE_BUDGET_CPU // pipeline.FACE_BYTES["face"]))
-    assert big * pipeline.FACE_BYTES["face"] <= pipeline.FACE_BUDGET_CPU
-    # fp32 activations are twice as large: never more faces per pass than in bf16
-    assert pipeline.face_batch(CPU, "face", "fp32", free_bytes=64 * gb) <= big
+    assert big == max(1, int(pipeline.FACE_BUDGET_CPU // pipeline.FACE_BYTES[("face", "bf16")]))
+    assert big * pipeline.FACE_BYTES[("face", "bf16")] <= pipeline.FACE_BUDGET_CPU
+    # fp32 activations are larger: never more faces per pass than in bf16, and every fp32
+    # pass stays inside the budget (three fp32 parses once took a 2 MP photo to 2.96 GB)
+    for role in ("face", "parser"):
+        n32 = pipeline.face_batch(CPU, role, "fp32", free_bytes=64 * gb)
+        assert n32 <= pipeline.face_batch(CPU, role, "bf16", free_bytes=64 * gb)
+        assert n32 == 1 or n32 * pipeline.FACE_BYTES[(role, "fp32")] <= pipeline.FACE_BUDGET_CPU
+    assert pipeline.face_batch(CPU, "parser", "fp32", free_bytes=64 * gb) <= 2
+    # fp16 (CUDA) activations are the size of bf16's
+    assert pipeline.face_batch(CPU, "face", "fp16", free_bytes=64 * gb) == big
     # the parser's activations are smaller: more parses than restorations per pass
     assert pipeline.face_batch(CPU, "parser", "bf16", free_bytes=64 * gb) > big
     # little free memory: one face at a time, never zero
