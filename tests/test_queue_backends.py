@@ -369,6 +369,8 @@ def test_an_expired_lease_on_a_job_only_decoded_ahead_counts_no_interruption(mak
     assert set(back) == {in_model.id, ahead.id}
     assert b.get(in_model.id).interruptions == 1
     assert b.get(ahead.id).interruptions == 0 and b.get(ahead.id).state == PENDING
+    # pending again: no stale "decoded ahead" reason for `status` to show (as after a restart)
+    assert b.get(ahead.id).wait_reason is None and b.get(in_model.id).wait_reason is None
 
 
 def test_an_expired_lease_goes_back_to_pending_and_the_old_holder_is_fenced_off(make):

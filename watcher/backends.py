@@ -309,7 +309,7 @@ class SqliteQueue(Queue):
         out = []
         for job_id, n, why, host, token in rows:
             out.append(Queue._transition(self, db, job_id, "requeue", now, not_before=0,
-                                         interruptions=q.interrupted(n, why)))
+                                         wait_reason=None, interruptions=q.interrupted(n, why)))
             db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
             log.warning("queue.lease_expired", job=job_id, host=host, token=token, action="back to pending")
         return out

@@ -371,7 +371,8 @@ class PgQueue:
                     # interruptions: queue.interrupted, in SQL
                     f" UPDATE jobs j SET state = 'pending', not_before = 0, interruptions = j.interruptions"
                     f" + CASE WHEN j.wait_reason IS NOT DISTINCT FROM %s THEN 0 ELSE 1 END,"
-                    f" updated = %s, lease_host = NULL, lease_expires = NULL FROM x WHERE j.id = x.id"
+                    f" wait_reason = NULL, updated = %s, lease_host = NULL, lease_expires = NULL"
+                    f" FROM x WHERE j.id = x.id"   # SET reads the old wait_reason
                     f" RETURNING {', '.join('j.' + c.strip() for c in _COLS.split(','))}, j.token",
                     (*params, AHEAD, now))
         rows = cur.fetchall()
