@@ -56,7 +56,8 @@ class Rig:
         self.reader = Queue(self.cfg.queue_path)              # the test's own connection
         self.gate = gate
         self.worker = Worker(self.cfg, self.queue, enhancer=gate)
-        self.pipe = Pipeline(self.worker, self.cfg.jobs.prefetch)
+        self.memory = [1 << 40]                                 # bytes available, as the test says
+        self.pipe = Pipeline(self.worker, self.cfg.jobs.prefetch, memory=lambda: self.memory[0])
         self.outs: list = []
         self.errors: list[BaseException] = []
         self.expected: dict[str, Cand] = {}
@@ -143,6 +144,74 @@ def test_next_decode_and_last_publish_overlap_the_model(make_rig):
     assert [j.state for j in rig.reader.jobs()] == ["done"] * 3
     assert rig.worker.current is None and rig.worker.handled == 3
     check(rig.tmp, rig.expected)
+
+
+def test_short_memory_runs_one_at_a_time_then_loads_ahead_again(make_rig, capsys):
+    """A photo decoded ahead costs memory beside the one in the model: with too little available,
+    nothing is loaded ahead (said once), every photo still ends; once memory is back, it is."""
+    rig = make_rig()
+    for i in (1, 2, 3, 4):
+        rig.drop(f"p{i}.jpg", seed=i)
+    w = rig.worker
+    need_alone = int(w.limits.max_input_megapixels * 1e6 * 16)   # the largest decoded photo admitted
+    rig.memory[0] = need_alone          # enough beside nothing, not beside a photo in the model
+    t = rig.start()
+    g = rig.gate
+    assert g.entered[0].wait(30)
+    assert rig.pipe.short
+    # job 1 in the model: job 2 stays pending, nothing claimed ahead; for a while, not by chance
+    for _ in range(20):
+        assert [j.state for j in rig.reader.jobs()] == ["running", "pending", "pending", "pending"]
+        time.sleep(0.01)
+    g.go[0].set()
+    assert g.entered[1].wait(30)
+    wait_for(lambda: rig.job(1).state == "done", 30, what="job 1 published")
+    assert rig.job(3).state == "pending"
+    rig.memory[0] = 1 << 40             # memory is back: the next step loads job 4 ahead again
+    g.go[1].set()
+    assert g.entered[2].wait(30)
+    wait_for(lambda: rig.job(4).state == "running" and rig.job(4).wait_reason == AHEAD, 30,
+             what="job 4 decoded ahead")
+    assert not rig.pipe.short
+    g.go[2].set()
+    g.go[3].set()
+    t.join(30)
+    assert not t.is_alive() and not rig.errors
+    assert [j.state for j in rig.reader.jobs()] == ["done"] * 4
+    assert all(j.interruptions == 0 for j in rig.reader.jobs())
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert said.count("pipeline.one_at_a_time") == 1 and said.count("pipeline.ahead_again") == 1
+    check(rig.tmp, rig.expected)
+
+
+def test_room_ahead_counts_the_output_of_the_photo_in_the_model(make_rig):
+    """The photo in the model still grows by its output: a larger one leaves less room."""
+    from types import SimpleNamespace
+    from enhancer import imageio
+    from enhancer.api import Params
+    rig = make_rig()
+    pipe, w = rig.pipe, rig.worker
+
+    def in_model(width, height, upscale, bits=8):
+        info = imageio.Info("JPEG", width, height, 1, "RGB")
+        return SimpleNamespace(prep=SimpleNamespace(info=info, params=Params(profile="upscale", upscale=upscale)),
+                               decoded=SimpleNamespace(bits=bits))
+    next_max = int(w.limits.max_input_megapixels * 1e6 * 16)
+    reserve = 2_000_000_000                 # the fake enhancer runs on "cpu"
+    rig.memory[0] = None                    # unknown (not Linux): as before, always ahead
+    assert pipe.room_ahead(in_model(6000, 4000, 2))
+    cap = w.limits.max_output_megapixels * 1e6
+    out_24mp = int(min(6000 * 4000 * 4, cap) * 3)   # 24 MP at upscale 2, 8-bit (as the cap allows)
+    for have, room in ((next_max + reserve + out_24mp, True), (next_max + reserve + out_24mp - 1, False)):
+        rig.memory[0] = have
+        assert pipe.room_ahead(in_model(6000, 4000, 2)) is room
+    rig.memory[0] = next_max + reserve + out_24mp
+    assert not pipe.room_ahead(in_model(6000, 4000, 2, bits=16))  # twice the output bytes
+    assert pipe.room_ahead(in_model(600, 400, 2))                # a small photo fits easily
+    # the output is counted as max_output_megapixels allows it, not the upscale alone
+    rig.memory[0] = int(next_max + reserve + cap * 3) + 1
+    assert pipe.room_ahead(in_model(20000, 10000, 4))
 
 
 def test_a_stream_ends_exactly_once_with_a_corrupt_photo(make_rig):
