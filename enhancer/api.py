@@ -87,3 +87,17 @@ class EnhancerSettings:
 
 
 EnhancerFactory = Callable[[EnhancerSettings], Enhancer]
+
+
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (what the system can give without swapping); None
+    where there is none (not Linux). Torch-free: the watcher's pipeline and the enhancer's tile and
+    face budgets both read it here."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -33,7 +33,7 @@ import structlog
 import torch
 
 from enhancer import models, tiles, weights
-from enhancer.api import EnhancerSettings, ModelInfo, Params, Result
+from enhancer.api import EnhancerSettings, ModelInfo, Params, Result, mem_available
 from enhancer.errors import (DeviceError, EnhanceError, OutOfMemoryError, UnsupportedError,
                              WeightsMissingError)
 
@@ -395,10 +395,10 @@ def release_free_memory() -> None:
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise EnhanceError("cannot read MemAvailable from /proc/meminfo")
+    free = mem_available()
+    if free is None:
+        raise EnhanceError("cannot read MemAvailable from /proc/meminfo")
+    return free
 
 
 # CPU: more than this for a tile's activations buys no speed (time per pixel is flat from
@@ -775,6 +775,8 @@ class RealEnhancer:
         timings["restore"] = (time.monotonic() - t0) * 1000
         return out
 
+
+# ---------------------------------------------------------------------------- building
 
 def _resolve(ref: str, role: str, weights_dir: Path, manifest: Mapping[str, weights.WeightSpec]
              ) -> tuple[str, Path, str, str, str]:

@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from enhancer import imageio
-from enhancer.api import Enhancer, Params
+from enhancer.api import Enhancer, Params, mem_available
 from enhancer.errors import EnhanceError, PermanentError, TooLargeError, TransientError, WeightsMissingError
 from . import names, safefs, sidecar as sidecar_mod
 from .config import Config
@@ -852,18 +852,6 @@ def _spawn(fn: Callable[[], object], name: str) -> Future:
             fut.set_exception(exc)
     threading.Thread(target=run, name=name, daemon=True).start()
     return fut
-
-
-def mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes; None where there is none (not Linux)."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 # Loading a photo ahead holds one more decoded photo (float32 RGB + alpha: 16 bytes a pixel, 384 MB
