@@ -402,13 +402,18 @@ def available_memory(device: torch.device) -> int:
 
 
 # CPU: more than this for a tile's activations buys no speed (time per pixel is flat from
-# ~256² up, measured in scripts/bench) but pushes a 24 MP photo's peak RSS past 3 GB.
-CPU_TILE_BUDGET = 1_500_000_000
+# ~256² up, measured in scripts/bench) but pushes a 24 MP photo's peak RSS past 3 GB. fp32
+# activations (CPUs without native bf16) are twice bf16's: a 24 MP `full` photo peaked at
+# 3065 MB with 416 px x2plus tiles in fp32 (the upsampling tail holds 64 channels at 4× the
+# tile's area); 384 px tiles take ~115 MB less for ~2 % more overlap. bf16 keeps 416.
+CPU_TILE_BUDGET = {"fp32": 1_300_000_000, "bf16": 1_500_000_000}
 
 
-def auto_tile(device: torch.device, arch: str, free_bytes: int | None = None) -> int:
+def auto_tile(device: torch.device, arch: str, free_bytes: int | None = None,
+              precision: str = "fp32") -> int:
     free = available_memory(device) if free_bytes is None else free_bytes
-    budget = free * 0.6 if device.type == "cuda" else min(free * 0.4, CPU_TILE_BUDGET)
+    cap = CPU_TILE_BUDGET["fp32" if precision == "fp32" else "bf16"]
+    budget = free * 0.6 if device.type == "cuda" else min(free * 0.4, cap)
     t = int(math.sqrt(budget / BYTES_PER_INPUT_PX.get(arch, 17_000)))
     t = max(TILE_FLOOR, min(2048, t))
     return t - t % 32
@@ -636,7 +641,7 @@ class RealEnhancer:
         elif self._settings.tile is not None:
             t = self._settings.tile
         else:
-            t = auto_tile(self._device, bg.arch)
+            t = auto_tile(self._device, bg.arch, precision=bg.precision)
             if self._device.type == "cpu":
                 if h * w <= t * t:             # the whole image fits the activation budget:
                     t = 0                      # one tile, no overlap computed twice

@@ -99,7 +99,7 @@ def benchmark(settings: EnhancerSettings, *, megapixels: float = 12.0, tile: int
             sample = pipeline.test_pattern(tile, tile)
             fn(sample)                                       # warm this shape
             per_px = _timed(lambda: fn(sample)) / (tile * tile)
-            t = settings.tile if settings.tile is not None else pipeline.auto_tile(dev, bg.arch)
+            t = settings.tile if settings.tile is not None else pipeline.auto_tile(dev, bg.arch, precision=bg.precision)
             pad = min(pipeline.TILE_PAD, t // 4) if t else 0
             overlap = ((t + 2 * pad) / t) ** 2 if t else 1.0
             parts["upscale"] = per_px * photo_px * overlap

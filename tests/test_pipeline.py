@@ -199,5 +199,8 @@ def test_precision_rules():
         pipeline.precision_candidate("fp16", cpu)
     assert pipeline.precision_candidate("auto", cpu) == (
         "bf16" if pipeline.cpu_has_native_bf16() else "fp32")
-    assert pipeline.auto_tile(cpu, "rrdbnet-x4", free_bytes=4 * 2**30) == 288   # sqrt(0.4*4GiB/17kB) = 317 -> multiple of 32
+    # bf16: min(0.4 * 4 GiB, 1.5 GB) / 17 kB per px -> 297 -> a multiple of 32; fp32: 1.3 GB -> 276
+    assert pipeline.auto_tile(cpu, "rrdbnet-x4", free_bytes=4 * 2**30, precision="bf16") == 288
+    assert pipeline.auto_tile(cpu, "rrdbnet-x4", free_bytes=4 * 2**30, precision="fp32") == 256
+    assert pipeline.auto_tile(cpu, "rrdbnet-x4", free_bytes=2 * 2**30, precision="bf16") == 224  # free RAM binds
     assert pipeline.auto_tile(cpu, "rrdbnet-x4", free_bytes=2**20) == pipeline.TILE_FLOOR

@@ -227,8 +227,13 @@ def test_encode_takes_integer_pages_like_float_pages(tmp_path, fmt, bits):
 
 def test_cpu_auto_tile_is_capped_for_memory_not_only_by_free_ram():
     huge = 64 * 2**30
-    t = pipeline.auto_tile(CPU, "rrdbnet-x2", free_bytes=huge)
-    assert t * t * pipeline.BYTES_PER_INPUT_PX["rrdbnet-x2"] <= pipeline.CPU_TILE_BUDGET
+    for precision in ("fp32", "bf16"):
+        t = pipeline.auto_tile(CPU, "rrdbnet-x2", free_bytes=huge, precision=precision)
+        assert t * t * pipeline.BYTES_PER_INPUT_PX["rrdbnet-x2"] <= pipeline.CPU_TILE_BUDGET[precision]
+    # fp32 activations are twice bf16's: smaller tiles (x2plus: 384 + overlap vs 416 + overlap)
+    assert pipeline.auto_tile(CPU, "rrdbnet-x2", free_bytes=huge, precision="fp32") == 448
+    assert pipeline.auto_tile(CPU, "rrdbnet-x2", free_bytes=huge, precision="bf16") == 480
+    assert pipeline.auto_tile(CPU, "rrdbnet-x2", free_bytes=huge, precision="fp16") == 480
 
 
 class _TinySR(torch.nn.Module):
@@ -327,7 +332,7 @@ def test_cpu_auto_tile_takes_the_whole_image_when_it_fits_the_budget(upscaler):
     img = _astronaut(60, 44)
     res = upscaler.enhance(img, Params(profile="upscale", upscale=2.0))
     assert res.tile == 0
-    full = pipeline.auto_tile(CPU, "srvgg-x4")
+    full = pipeline.auto_tile(CPU, "srvgg-x4", precision=upscaler.model("background").precision)
     assert upscaler._tile_for(Params(profile="upscale", upscale=2.0), full, full) == 0
     big = upscaler._tile_for(Params(profile="upscale", upscale=2.0), full + 2, full)
     assert big == full - 2 * pipeline.TILE_PAD
